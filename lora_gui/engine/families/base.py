@@ -1,0 +1,115 @@
+"""The small interface every model family implements.
+
+The generic training loop, the caches, LoRA saving and sampling talk to a family only
+through this interface. Adding a family is one new file, one line in ``registry.py`` and
+a preset.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # heavy imports stay lazy
+    import torch
+
+    from lora_gui.config import ModelSection, TrainSection
+    from lora_gui.engine.objectives import Objective
+    from lora_gui.events import Emit
+
+
+@dataclass
+class Components:
+    """A loaded base model: what a family needs to train and to sample."""
+
+    denoiser: Any  # UNet2DConditionModel or FluxTransformer2DModel
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    scheduler: Any  # the model's own scheduler (noise schedule, sampling)
+    source: str  # resolved local folder or file the weights came from
+    device: Any = None  # torch.device
+    weight_dtype: Any = None  # torch.dtype of the frozen weights
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Conditioning:
+    """Per-sample facts about how an image was prepared (SDXL's size/crop conditioning)."""
+
+    original_size: tuple[int, int]  # (height, width) of the image before resizing
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+    target_size: tuple[int, int]  # (height, width) of the bucket
+
+
+class ModelFamily(ABC):
+    name: ClassVar[str]
+    label: ClassVar[str]
+    # Attribute on the diffusers pipeline and prefix in LoRA files: "unet" or "transformer".
+    denoiser_key: ClassVar[str]
+    # Pipeline attributes of the text encoders, in order ("text_encoder", "text_encoder_2").
+    text_encoder_keys: ClassVar[tuple[str, ...]]
+    # Target presets: name -> module-name patterns given to peft's ``target_modules``.
+    lora_target_presets: ClassVar[dict[str, list[str]]]
+    text_encoder_lora_targets: ClassVar[list[str]] = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    supports_text_encoder_lora: ClassVar[bool] = True
+    default_resolution: ClassVar[int] = 512
+    # Image sides must be multiples of this (VAE downsampling times packing).
+    size_multiple: ClassVar[int] = 8
+
+    @abstractmethod
+    def pipeline_class(self) -> type:
+        """The diffusers pipeline class for this family."""
+
+    @abstractmethod
+    def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
+        """Load the base model (hub id, local folder, single file or builtin) onto ``device``."""
+
+    @abstractmethod
+    def encode_prompts(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Text embeddings for a batch of captions, each tensor with the batch as its first dim.
+
+        Called under ``torch.no_grad()`` unless a text-encoder LoRA is being trained.
+        """
+
+    @abstractmethod
+    def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents, scaled (and shifted) as the denoiser expects, for pixels in [-1, 1] (B, 3, H, W)."""
+
+    @abstractmethod
+    def make_objective(self, components: Components, train: TrainSection) -> Objective:
+        """The training objective: how noise, timesteps, targets and loss weights are drawn."""
+
+    @abstractmethod
+    def predict(
+        self,
+        components: Components,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeds: dict[str, torch.Tensor],
+        conditioning: list[Conditioning],
+        train: TrainSection,
+    ) -> torch.Tensor:
+        """The denoiser's prediction in the same layout as ``noisy_latents``."""
+
+    @abstractmethod
+    def build_pipeline(self, components: Components) -> Any:
+        """A diffusers pipeline over the (possibly LoRA-wrapped) components, for sampling."""
+
+    def sample_kwargs(self, components: Components) -> dict[str, Any]:
+        """Extra keyword arguments the family's pipeline needs when sampling."""
+        return {}
+
+    def lora_targets(self, preset: str) -> list[str]:
+        if preset not in self.lora_target_presets:
+            known = ", ".join(self.lora_target_presets)
+            raise ValueError(f"lora.targets: {preset!r} is not a target preset for {self.label}. Choose one of: {known}")
+        return self.lora_target_presets[preset]
+
+    def trainable_modules(self, components: Components, train_text_encoder: bool) -> dict[str, Any]:
+        """Modules that receive LoRA adapters, keyed by their pipeline attribute name."""
+        modules = {self.denoiser_key: components.denoiser}
+        if train_text_encoder and self.supports_text_encoder_lora:
+            modules.update(dict(zip(self.text_encoder_keys, components.text_encoders)))
+        return modules
