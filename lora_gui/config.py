@@ -15,6 +15,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 FAMILIES = ("sd15", "sdxl", "flux")
+# Keys users' files and scripts depend on: renaming one needs a migration.
+PUBLIC_KEYS = (
+    "model.family", "model.base", "dataset.dir", "dataset.resolution", "lora.rank", "lora.alpha",
+    "train.max_steps", "train.batch_size", "train.learning_rate", "train.seed", "output.dir", "output.name",
+    "output.save_every", "sample.every", "sample.prompts",
+)
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
@@ -43,7 +49,7 @@ class ModelSection(Section):
         "auto", description="Precision of the frozen base weights (auto: bf16 on GPUs that support it, else fp32)."
     )
     quantize: Literal["none", "int8", "int4", "fp8", "nf4"] = Field(
-        "none", description="Quantize the frozen denoiser weights to save memory (nf4 needs a CUDA GPU)."
+        "none", description="Quantize the frozen denoiser to save memory: int8/int4/fp8 (optimum-quanto) or nf4 (bitsandbytes, best on CUDA)."
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Where to train: auto picks CUDA, then Apple MPS, then CPU."

@@ -1,0 +1,204 @@
+"""The ``lora-gui`` command line. Heavy libraries load only inside the command that needs them."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-gui",
+        description="Train LoRA adapters for Stable Diffusion 1.5, SDXL and Flux.1.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gui = commands.add_parser("gui", help="start the web app (the default command)")
+    gui.add_argument("args", nargs=argparse.REMAINDER, help="options for the app")
+
+    train = commands.add_parser("train", help="train a LoRA from a config file")
+    train.add_argument("config", nargs="?", help="config file (.toml, .yaml or .json); optional with --preset/--set")
+    train.add_argument("--preset", help="preset applied under the config file (see `lora-gui presets`)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. --set lora.rank=32 (repeatable)")
+    train.add_argument("--resume", metavar="CHECKPOINT_DIR",
+                       help="continue from a checkpoint folder, or 'latest' for the newest one in output.dir")
+
+    sample = commands.add_parser("sample", help="render images with a LoRA at one or more scales")
+    sample.add_argument("--config", required=True, help="config file naming the base model and sample settings")
+    sample.add_argument("--lora", required=True, action="append", help="LoRA .safetensors file (repeatable)")
+    sample.add_argument("--scale", type=float, action="append", help="LoRA scale (repeatable; default 1.0)")
+    sample.add_argument("--prompt", help="prompt (default: the config's first sample prompt)")
+    sample.add_argument("--seed", type=int, help="seed (default: the config's sample.seed)")
+    sample.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    sample.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    init = commands.add_parser("init-config", help="write a config file to edit")
+    init.add_argument("path", help="where to write it (.toml, .yaml or .json)")
+    init.add_argument("--preset", help="start from a preset")
+    init.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    commands.add_parser("presets", help="list the presets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {
+        None: run_gui, "gui": run_gui, "train": run_train, "sample": run_sample,
+        "init-config": run_init_config, "presets": run_presets,
+    }
+    from lora_gui.config import ConfigError
+
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def run_gui(args) -> int:
+    extra = getattr(args, "args", None) or []
+    from lora_gui.app_entry import launch_app
+
+    return launch_app(extra)
+
+
+def run_presets(_args) -> int:
+    from lora_gui.config import list_presets, preset_description
+
+    for name in list_presets():
+        summary = preset_description(name).get("summary", "")
+        print(f"{name:24s} {summary}")
+    return EXIT_OK
+
+
+def run_init_config(args) -> int:
+    from lora_gui.config import build_config, save_config
+
+    config = build_config(preset=args.preset, overrides=args.overrides)
+    path = Path(args.path)
+    if path.exists():
+        print(f"error: {path} already exists; choose another name or delete it first.", file=sys.stderr)
+        return EXIT_USAGE
+    save_config(config, path)
+    print(f"Wrote {path}. Edit it, then run: lora-gui train {path}")
+    return EXIT_OK
+
+
+def run_train(args) -> int:
+    from lora_gui.cli_progress import ProgressPrinter
+    from lora_gui.config import build_config
+
+    if not (args.config or args.preset or args.overrides):
+        print("error: give a config file, a --preset or --set options. Example: "
+              "lora-gui train my-lora.toml   (create one with `lora-gui init-config my-lora.toml`)", file=sys.stderr)
+        return EXIT_USAGE
+    config = build_config(file=args.config, preset=args.preset, overrides=args.overrides)
+    resume = resolve_resume(args.resume, config)
+
+    from lora_gui.engine.errors import TrainingError
+    from lora_gui.engine.train import train
+    from lora_gui.events import Controls
+
+    controls = Controls()
+    printer = ProgressPrinter(config.train.max_steps)
+    restore = install_stop_handlers(controls, printer)
+    try:
+        result = train(config, printer.handle, controls, resume_from=resume)
+    except TrainingError:
+        return EXIT_FAILED  # the printer already showed the message and the hint
+    finally:
+        printer.close()
+        restore()
+    if result.status == "stopped":
+        if result.checkpoint:
+            print(f"Stopped. Resume with: lora-gui train {args.config or ''} --resume {result.checkpoint}".replace("  ", " "))
+        return EXIT_STOPPED
+    print(f"Done: {result.lora_path}")
+    return EXIT_OK
+
+
+def resolve_resume(resume: str | None, config) -> str | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        from lora_gui.engine.checkpoint import latest_checkpoint
+
+        found = latest_checkpoint(Path(config.output.dir))
+        if found is None:
+            from lora_gui.config import ConfigError
+
+            raise ConfigError(f"--resume latest: no complete checkpoint in {config.output.dir}/checkpoints")
+        return str(found)
+    return resume
+
+
+def install_stop_handlers(controls, printer):
+    """Ctrl-C and SIGTERM ask the loop to save a resumable checkpoint and stop; repeats are harmless."""
+
+    def request_stop(signum, _frame) -> None:
+        if controls.stop_requested:
+            printer.message("Already stopping: saving a checkpoint, please wait.")
+            return
+        printer.message("Stopping after the current step and saving a resumable checkpoint...")
+        controls.stop()
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, request_stop)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def run_sample(args) -> int:
+    from lora_gui.config import build_config
+    from lora_gui.engine.compare import grid_image, load_pipeline, render_comparison
+    from lora_gui.engine.sampling import SampleSettings
+
+    config = build_config(file=args.config, overrides=args.overrides)
+    for lora in args.lora:
+        if not Path(lora).is_file():
+            print(f"error: LoRA file {lora} does not exist.", file=sys.stderr)
+            return EXIT_USAGE
+    scales = args.scale or [1.0]
+    family, components, pipeline = load_pipeline(config)
+    settings = SampleSettings.from_config(config.sample, config.dataset.resolution, family.size_multiple)
+    if args.prompt is not None:
+        settings = _replace(settings, prompts=(args.prompt,))
+    if args.seed is not None:
+        settings = _replace(settings, seed=args.seed)
+
+    def progress(done: int, total: int) -> None:
+        print(f"rendered {done}/{total}", flush=True)
+
+    try:
+        cells = render_comparison(family, components, pipeline, args.lora, scales, settings, progress)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image = cells[0].image if len(cells) == 1 else grid_image(cells, scales)
+    image.save(out)
+    print(f"Wrote {out}")
+    return EXIT_OK
+
+
+def _replace(settings, **changes):
+    from dataclasses import replace
+
+    return replace(settings, **changes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

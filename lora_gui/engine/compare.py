@@ -1,0 +1,112 @@
+"""Rendering LoRA files at several scales with the same prompt and seed, as a labelled grid."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_gui.config import TrainingConfig
+from lora_gui.engine.sampling import SampleSettings
+
+NO_LORA = "no LoRA"
+
+
+@dataclass(frozen=True)
+class ComparisonCell:
+    row: str
+    scale: float
+    image: object  # PIL.Image
+
+
+def load_pipeline(config: TrainingConfig, emit=None):
+    """The family's pipeline for ``config.model`` on the best device, without any LoRA."""
+    from lora_gui.engine.devices import resolve_placement
+    from lora_gui.engine.families.registry import get_family
+    from lora_gui.events import ignore_events
+
+    family = get_family(config.model.family)
+    placement = resolve_placement(config)
+    components = family.load(config.model, placement.device, placement.weight_dtype, emit or ignore_events)
+    return family, components, family.build_pipeline(components)
+
+
+def render_comparison(
+    family,
+    components,
+    pipeline,
+    loras: Sequence[str | None],
+    scales: Sequence[float],
+    settings: SampleSettings,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[ComparisonCell]:
+    """Every LoRA (None: the base model) at every scale, same prompt and seed; adapters removed afterwards."""
+    import torch
+
+    prompt = settings.prompts[0]
+    total, done, cells = len(loras) * len(scales), 0, []
+    pipeline.set_progress_bar_config(disable=True)
+    for index, lora in enumerate(loras):
+        adapter = f"compare_{index}"
+        if lora is not None:
+            _check_lora_file(lora)
+            pipeline.load_lora_weights(lora, adapter_name=adapter)
+        row_scales = scales if lora is not None else scales[:1]
+        try:
+            for scale in row_scales:
+                if lora is not None:
+                    pipeline.set_adapters([adapter], adapter_weights=[float(scale)])
+                generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+                kwargs = dict(
+                    prompt=prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                    width=settings.width, height=settings.height, generator=generator,
+                    **family.sample_kwargs(components),
+                )
+                if settings.negative_prompt and family.name != "flux":
+                    kwargs["negative_prompt"] = settings.negative_prompt
+                with torch.no_grad():
+                    image = pipeline(**kwargs).images[0]
+                cells.append(ComparisonCell(row=_row_label(lora), scale=float(scale), image=image))
+                done += 1
+                if progress:
+                    progress(done, total)
+        finally:
+            if lora is not None:
+                pipeline.delete_adapters([adapter])
+    return cells
+
+
+def _row_label(lora: str | None) -> str:
+    return NO_LORA if lora is None else Path(lora).name
+
+
+def _check_lora_file(path: str) -> None:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"LoRA file {path} does not exist.")
+    if file.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path} is not a .safetensors file; only safetensors LoRA files are loaded (no pickles).")
+
+
+def grid_image(cells: Sequence[ComparisonCell], scales: Sequence[float]):
+    """A labelled grid: one row per LoRA, one column per scale ('no LoRA' fills its row once)."""
+    from PIL import Image, ImageDraw
+
+    rows = list(dict.fromkeys(cell.row for cell in cells))
+    width, height = cells[0].image.size
+    label_w, label_h = 180, 28
+    grid = Image.new("RGB", (label_w + width * len(scales), label_h + height * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, scale in enumerate(scales):
+        draw.text((label_w + column * width + 6, 8), f"scale {scale:g}", fill="black")
+    for row_index, row in enumerate(rows):
+        top = label_h + row_index * height
+        draw.text((6, top + height // 2 - 6), _shorten(row, 28), fill="black")
+        for cell in (c for c in cells if c.row == row):
+            column = list(scales).index(cell.scale) if row != NO_LORA else 0
+            grid.paste(cell.image.convert("RGB"), (label_w + column * width, top))
+    return grid
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]

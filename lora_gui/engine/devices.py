@@ -1,0 +1,95 @@
+"""Choosing the device and precisions, and reading accelerator memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lora_gui.config import TrainingConfig
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    weight_dtype: torch.dtype  # frozen base weights
+    autocast_dtype: torch.dtype | None  # None: no autocast (full precision)
+
+    @property
+    def uses_grad_scaler(self) -> bool:
+        return self.autocast_dtype == torch.float16 and self.device.type == "cuda"
+
+    def describe(self) -> str:
+        autocast = str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "off"
+        weights = str(self.weight_dtype).replace("torch.", "")
+        return f"{self.device.type.upper()}, weights {weights}, mixed precision {autocast}"
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "model.device is 'cuda' but PyTorch sees no CUDA GPU. Set model.device = 'auto' "
+            "(or 'cpu'), or reinstall PyTorch with CUDA support."
+        )
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("model.device is 'mps' but Apple MPS is not available; set model.device = 'auto'.")
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _best_half(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def resolve_placement(config: TrainingConfig) -> Placement:
+    device = pick_device(config.model.device)
+    accelerator = device.type in ("cuda", "mps")
+    if config.model.weight_dtype == "auto":
+        weight_dtype = _best_half(device) if accelerator else torch.float32
+    else:
+        weight_dtype = _DTYPES[config.model.weight_dtype]
+    precision = config.train.mixed_precision
+    if precision == "auto":
+        autocast = _best_half(device) if accelerator else None
+    else:
+        autocast = None if precision == "fp32" else _DTYPES[precision]
+    if autocast == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("This GPU does not support bf16. Set train.mixed_precision = 'fp16' (or 'auto').")
+    return Placement(device=device, weight_dtype=weight_dtype, autocast_dtype=autocast)
+
+
+def autocast_context(placement: Placement):
+    import contextlib
+
+    if placement.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=placement.device.type, dtype=placement.autocast_dtype)
+
+
+def memory_report(device: torch.device) -> dict[str, float]:
+    """Allocated/peak/total memory in GiB on a CUDA device; empty elsewhere."""
+    if device.type != "cuda":
+        return {}
+    gib = 1024**3
+    return {
+        "allocated_gib": torch.cuda.memory_allocated(device) / gib,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / gib,
+        "total_gib": torch.cuda.get_device_properties(device).total_memory / gib,
+    }
+
+
+def free_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,69 @@
+"""Weight-only quantization of the frozen denoiser: saves memory, not compute.
+
+int8 / int4 / fp8 use optimum-quanto; nf4 swaps Linear layers for bitsandbytes' Linear4bit.
+LoRA adapters train in full precision on top and load into the unquantized model afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Layers kept in full precision: small, and sensitive to rounding (embeddings, the output projection).
+KEEP_FULL_PRECISION = ("proj_out", "conv_out", "time_embedding", "time_text_embed", "norm_out", "x_embedder",
+                       "context_embedder", "add_embedding")
+
+
+def quantize_denoiser(denoiser: torch.nn.Module, mode: str, device: torch.device) -> int:
+    """Quantize ``denoiser`` in place; returns how many Linear layers were quantized."""
+    if mode == "none":
+        return 0
+    if mode == "nf4":
+        return _to_nf4(denoiser, device)
+    return _quanto(denoiser, mode)
+
+
+def _quanto(denoiser: torch.nn.Module, mode: str) -> int:
+    try:
+        from optimum.quanto import freeze, qfloat8, qint4, qint8, quantize
+    except ImportError as exc:
+        raise ValueError(
+            f"model.quantize = {mode!r} needs optimum-quanto: run `pip install optimum-quanto`, "
+            "or set model.quantize = 'none'."
+        ) from exc
+    weights = {"int8": qint8, "int4": qint4, "fp8": qfloat8}[mode]
+    exclude = [f"*{name}*" for name in KEEP_FULL_PRECISION]
+    quantize(denoiser, weights=weights, exclude=exclude)
+    freeze(denoiser)
+    return sum(1 for m in denoiser.modules() if type(m).__name__ == "QLinear")
+
+
+def _to_nf4(denoiser: torch.nn.Module, device: torch.device) -> int:
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise ValueError("model.quantize = 'nf4' needs bitsandbytes: `pip install bitsandbytes`.") from exc
+    count = 0
+    for parent_name, parent in list(denoiser.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if type(child) is not torch.nn.Linear or any(k in full_name for k in KEEP_FULL_PRECISION):
+                continue
+            setattr(parent, child_name, _nf4_linear(bnb, child, device))
+            count += 1
+    # peft picks its 4-bit-aware LoRA layer when the model says it is loaded in 4 bit.
+    denoiser.is_loaded_in_4bit = True
+    return count
+
+
+def _nf4_linear(bnb, linear: torch.nn.Linear, device: torch.device):
+    compute_dtype = linear.weight.dtype if linear.weight.dtype != torch.float32 else torch.bfloat16
+    quantized = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        compute_dtype=compute_dtype, quant_type="nf4", device="cpu",
+    )
+    quantized.weight = bnb.nn.Params4bit(
+        linear.weight.data.to("cpu"), requires_grad=False, quant_type="nf4"
+    )
+    if linear.bias is not None:
+        quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+    return quantized.to(device)

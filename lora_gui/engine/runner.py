@@ -1,0 +1,162 @@
+"""Runs ``train`` on a background thread and keeps what a UI needs to show about it.
+
+The runner owns the thread, the controls and a record of events; UIs poll ``snapshot()``.
+It holds no module-level state, so several runners can live in one process.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_gui.config import TrainingConfig
+from lora_gui.events import (
+    CheckpointSaved,
+    Controls,
+    Event,
+    Failed,
+    Finished,
+    Progress,
+    SamplesReady,
+    Status,
+    Stopped,
+)
+
+LOG_LIMIT = 2000
+
+
+class RunAlreadyActive(RuntimeError):
+    pass
+
+
+@dataclass
+class RunSnapshot:
+    state: str = "idle"  # idle, running, paused, stopping, finished, stopped, failed
+    step: int = 0
+    max_steps: int = 0
+    epoch: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    sec_per_step: float | None = None
+    eta_seconds: float | None = None
+    status: str = ""
+    losses: list[tuple[int, float, float]] = field(default_factory=list)  # step, loss, lr
+    samples: list[SamplesReady] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    result_path: str | None = None
+    error: Failed | None = None
+
+
+class TrainingRunner:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._controls = Controls()
+        self._snapshot = RunSnapshot()
+        self.output_dir: Path | None = None
+
+    # ------------------------------------------------------------------ commands
+    def start(self, config: TrainingConfig, resume_from: str | Path | None = None) -> None:
+        with self._lock:
+            if self.is_active:
+                raise RunAlreadyActive("A training run is already in progress; stop it before starting another.")
+            self._controls = Controls()
+            self._snapshot = RunSnapshot(state="running", max_steps=config.train.max_steps, status="Starting")
+            self.output_dir = Path(config.output.dir)
+            self._thread = threading.Thread(
+                target=self._run, args=(config, resume_from), name="lora-gui-training", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self.is_active:
+                self._snapshot.state = "stopping"
+        self._controls.stop()
+
+    def pause(self) -> None:
+        self._controls.pause()
+        with self._lock:
+            if self._snapshot.state == "running":
+                self._snapshot.state = "paused"
+
+    def resume(self) -> None:
+        self._controls.resume()
+        with self._lock:
+            if self._snapshot.state == "paused":
+                self._snapshot.state = "running"
+
+    def sample_now(self) -> None:
+        self._controls.sample_now()
+
+    def save_now(self) -> None:
+        self._controls.save_now()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return not self.is_active
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def is_active(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def snapshot(self) -> RunSnapshot:
+        with self._lock:
+            snap = self._snapshot
+            return RunSnapshot(
+                **{**snap.__dict__, "losses": list(snap.losses), "samples": list(snap.samples),
+                   "checkpoints": list(snap.checkpoints), "log": list(snap.log)}
+            )
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self, config: TrainingConfig, resume_from) -> None:
+        from lora_gui.engine.train import train
+
+        try:
+            train(config, self._record, self._controls, resume_from=resume_from)
+        except Exception:  # already reported through a Failed event
+            pass
+        finally:
+            with self._lock:
+                if self._snapshot.state in ("running", "paused", "stopping"):
+                    self._snapshot.state = "failed" if self._snapshot.error else "stopped"
+
+    def _record(self, event: Event) -> None:
+        with self._lock:
+            _apply(self._snapshot, event)
+
+
+def _apply(snap: RunSnapshot, event: Event) -> None:
+    if isinstance(event, Progress):
+        snap.step, snap.max_steps, snap.epoch = event.step, event.max_steps, event.epoch
+        snap.loss, snap.lr = event.loss, event.lr
+        snap.sec_per_step, snap.eta_seconds = event.sec_per_step, event.eta_seconds
+        snap.losses.append((event.step, event.loss, event.lr))
+        return
+    if isinstance(event, Status):
+        snap.status = event.text
+        _log(snap, event.text)
+    elif isinstance(event, SamplesReady):
+        snap.samples.append(event)
+    elif isinstance(event, CheckpointSaved):
+        snap.checkpoints.append(event.path)
+    elif isinstance(event, Finished):
+        snap.state, snap.result_path, snap.step = "finished", event.lora_path, event.step
+        _log(snap, f"Finished at step {event.step}: {event.lora_path}")
+    elif isinstance(event, Stopped):
+        snap.state, snap.step = "stopped", event.step
+    elif isinstance(event, Failed):
+        snap.state, snap.error = "failed", event
+        _log(snap, f"Error: {event.message}" + (f" What to do: {event.hint}" if event.hint else ""))
+
+
+def _log(snap: RunSnapshot, line: str) -> None:
+    if snap.log and snap.log[-1] == line:
+        return
+    snap.log.append(line)
+    del snap.log[:-LOG_LIMIT]

@@ -1,0 +1,409 @@
+"""The generic training loop: ``train(config, emit, controls)``.
+
+Read top to bottom: prepare the data (before any model is loaded, so a broken dataset fails
+fast), load the family's model, fill the caches, attach LoRA, build the optimizer, resume if
+asked, then step until done, checking the controls at every step boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_gui.config import TrainingConfig, save_config
+from lora_gui.engine import checkpoint as ckpt
+from lora_gui.engine import lora as lora_files
+from lora_gui.engine.devices import autocast_context, free_accelerator_memory, resolve_placement
+from lora_gui.engine.errors import NonFiniteLoss, TrainingError, explain
+from lora_gui.engine.families.registry import get_family
+from lora_gui.engine.metrics import MetricsLog
+from lora_gui.engine.optim import build_lr_scheduler, build_optimizer, current_lr
+from lora_gui.engine.quantize import quantize_denoiser
+from lora_gui.engine.sampling import SampleSettings, render, save_images
+from lora_gui.events import (
+    CheckpointSaved,
+    Controls,
+    Emit,
+    Failed,
+    Finished,
+    Progress,
+    SamplesReady,
+    Status,
+    Stopped,
+    ignore_events,
+)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    status: str  # "finished" or "stopped"
+    step: int
+    lora_path: str | None
+    checkpoint: str | None
+
+
+def train(
+    config: TrainingConfig,
+    emit: Emit = ignore_events,
+    controls: Controls | None = None,
+    resume_from: str | Path | None = None,
+) -> TrainResult:
+    """Train a LoRA. Emits events as it goes; raises ``TrainingError`` (after emitting ``Failed``)."""
+    run = TrainingRun(config, emit, controls or Controls())
+    try:
+        return run.execute(resume_from)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        explanation = explain(exc)
+        emit(Failed(message=explanation.message, hint=explanation.hint, details=explanation.details))
+        if isinstance(exc, TrainingError):
+            raise
+        raise TrainingError(explanation.message, explanation.hint) from exc
+    finally:
+        run.close()
+
+
+class DataCursor:
+    """Where training is in the data: epoch and batch index, advanced one micro-batch at a time."""
+
+    def __init__(self, data, epoch: int = 0, batch_index: int = 0) -> None:
+        self.data = data
+        self.epoch = epoch
+        self.batch_index = batch_index
+        self._batches = data.batches_for_epoch(epoch)
+
+    def next(self) -> tuple[list[int], int]:
+        if self.batch_index >= len(self._batches):
+            self.epoch += 1
+            self.batch_index = 0
+            self._batches = self.data.batches_for_epoch(self.epoch)
+        indices = self._batches[self.batch_index]
+        self.batch_index += 1
+        return indices, self.epoch
+
+
+class TrainingRun:
+    def __init__(self, config: TrainingConfig, emit: Emit, controls: Controls) -> None:
+        self.config = config
+        self.emit = emit
+        self.controls = controls
+        self.output_dir = Path(config.output.dir)
+        self.family = get_family(config.model.family)
+        self.step = 0
+        self.metrics: MetricsLog | None = None
+        self.last_checkpoint: str | None = None
+
+    # ------------------------------------------------------------------ orchestration
+    def execute(self, resume_from: str | Path | None) -> TrainResult:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        progress = self.load_resume_progress(resume_from)
+        self.data = self.prepare_data()
+        self.placement = resolve_placement(self.config)
+        self.status(f"Loading {self.config.model.base} on {self.placement.describe()}")
+        self.components = self.family.load(
+            self.config.model, self.placement.device, self.placement.weight_dtype, self.emit
+        )
+        self.quantize()
+        self.fill_caches()
+        self.attach_lora()
+        self.build_optimization()
+        self.cursor = DataCursor(self.data)
+        self.noise_generator = torch.Generator(device="cpu").manual_seed(self.config.train.seed)
+        if progress is not None:
+            self.restore(Path(resume_from), progress)
+        save_config(self.config, self.output_dir / "config.toml")
+        self.metrics = MetricsLog(self.output_dir, self.step, self.config.output.tensorboard)
+        return self.loop()
+
+    def status(self, text: str, current: int | None = None, total: int | None = None) -> None:
+        self.emit(Status(text=text, current=current, total=total))
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    # ------------------------------------------------------------------ setup
+    def load_resume_progress(self, resume_from: str | Path | None) -> dict | None:
+        if resume_from is None:
+            return None
+        progress, _ = ckpt.load_checkpoint(Path(resume_from))
+        ckpt.check_resume_compatible(progress, self.config)
+        return progress
+
+    def prepare_data(self):
+        from lora_gui.data.dataset import TrainingData
+
+        dataset = self.config.dataset
+        if not dataset.dir:
+            raise TrainingError("dataset.dir is empty.", "Set dataset.dir to a folder of images with .txt captions.")
+        self.status(f"Scanning {dataset.dir}")
+        data = TrainingData(
+            dataset, size_multiple=self.family.size_multiple, batch_size=self.config.train.batch_size,
+            seed=self.config.train.seed, log=self.status,
+        )
+        self.status(f"{len(data)} training images in {len(data.bucket_sizes())} aspect-ratio buckets")
+        return data
+
+    def quantize(self) -> None:
+        mode = self.config.model.quantize
+        if mode != "none":
+            count = quantize_denoiser(self.components.denoiser, mode, self.placement.device)
+            self.status(f"Quantized {count} layers of the {self.family.denoiser_key} to {mode}")
+
+    def cache_dir(self) -> Path:
+        return Path(self.config.dataset.cache_dir or self.output_dir / "cache")
+
+    def model_key(self) -> str:
+        model = self.config.model
+        return f"{model.family}|{model.base}|{model.revision}|{self.components.source}"
+
+    def fill_caches(self) -> None:
+        dataset, comps, device = self.config.dataset, self.components, self.placement.device
+        if dataset.cache_latents:
+            def encode_images(pixels: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    return self.family.encode_images(comps, pixels.to(device, comps.vae.dtype)).float().cpu()
+
+            self.data.fill_latent_cache(encode_images, self.cache_dir(), self.model_key(),
+                                        self.progress_status("Caching latents"))
+            self.offload(comps.vae)
+        self.text_cached = False
+        if dataset.cache_text and not self.config.lora.train_text_encoder:
+            def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
+                with torch.no_grad():
+                    embeds = self.family.encode_prompts(comps, captions)
+                return {k: v.float().cpu() for k, v in embeds.items()}
+
+            self.text_cached = self.data.fill_text_cache(
+                encode_text, self.cache_dir(), self.model_key(), self.progress_status("Caching text embeddings")
+            )
+            if self.text_cached:
+                for encoder in comps.text_encoders:
+                    self.offload(encoder)
+        free_accelerator_memory()
+
+    def progress_status(self, label: str):
+        return lambda done, total: self.status(f"{label} {done}/{total}", done, total)
+
+    def offload(self, module) -> None:
+        """Caches are full: the module leaves the accelerator until sampling needs it."""
+        if self.placement.device.type != "cpu":
+            module.to("cpu")
+
+    def attach_lora(self) -> None:
+        lora = self.config.lora
+        self.lora_modules = self.family.trainable_modules(self.components, lora.train_text_encoder)
+        targets = {
+            key: (self.family.lora_targets(lora.targets) if key == self.family.denoiser_key
+                  else self.family.text_encoder_lora_targets)
+            for key in self.lora_modules
+        }
+        lora_files.inject_lora(self.lora_modules, targets, lora, seed=self.config.train.seed)
+        if self.config.train.gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+        for module in self.lora_modules.values():
+            module.train()
+
+    def enable_gradient_checkpointing(self) -> None:
+        for key, module in self.lora_modules.items():
+            if key == self.family.denoiser_key:
+                module.enable_gradient_checkpointing()
+            else:
+                module.gradient_checkpointing_enable()
+
+    def build_optimization(self) -> None:
+        train, lora = self.config.train, self.config.lora
+        params = lora_files.lora_parameters(self.lora_modules)
+        groups = [{"params": params[self.family.denoiser_key], "lr": train.learning_rate}]
+        for key, group in params.items():
+            if key != self.family.denoiser_key and group:
+                groups.append({"params": group, "lr": lora.text_encoder_lr or train.learning_rate})
+        self.trainable = [p for group in groups for p in group["params"]]
+        self.optimizer = build_optimizer(groups, train)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, train)
+        self.scaler = torch.amp.GradScaler("cuda") if self.placement.uses_grad_scaler else None
+        self.objective = self.family.make_objective(self.components, train)
+
+    # ------------------------------------------------------------------ checkpoints
+    def training_state(self) -> dict:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "rng": ckpt.capture_rng_state({"noise": self.noise_generator}),
+        }
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
+
+    def save_checkpoint(self) -> str:
+        self.status(f"Saving checkpoint at step {self.step}")
+        path = ckpt.save_checkpoint(
+            self.output_dir,
+            step=self.step,
+            write_lora=lambda folder: self.write_lora(folder / f"{self.config.output.name}.safetensors"),
+            training_state=self.training_state(),
+            lora_state=lora_files.lora_state_dicts(self.lora_modules),
+            progress={"step": self.step, "epoch": self.cursor.epoch, "batch_index": self.cursor.batch_index},
+            config=self.config,
+            keep_last=self.config.output.keep_last,
+        )
+        self.last_checkpoint = str(path)
+        self.emit(CheckpointSaved(step=self.step, path=str(path)))
+        return str(path)
+
+    def restore(self, folder: Path, progress: dict) -> None:
+        _, state = ckpt.load_checkpoint(folder)
+        lora_files.load_lora_state(self.lora_modules, state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        ckpt.restore_rng_state(state["rng"], {"noise": self.noise_generator})
+        self.step = int(progress["step"])
+        self.cursor = DataCursor(self.data, int(progress["epoch"]), int(progress["batch_index"]))
+        self.last_checkpoint = str(folder)
+        self.status(f"Resumed from {folder} at step {self.step}")
+
+    def metadata(self) -> dict[str, str]:
+        config = self.config
+        return {
+            "lora_gui.family": config.model.family,
+            "lora_gui.base": config.model.base,
+            "lora_gui.rank": str(config.lora.rank),
+            "lora_gui.alpha": str(config.lora.alpha),
+            "lora_gui.steps": str(self.step),
+            "lora_gui.trigger_word": config.dataset.trigger_word,
+            "lora_gui.config_hash": config.full_hash(),
+            "lora_gui.targets": config.lora.targets,
+            "lora_gui.resolution": str(config.dataset.resolution),
+            "ss_network_dim": str(config.lora.rank),
+            "ss_network_alpha": str(config.lora.alpha),
+        }
+
+    def write_lora(self, kohya_path: Path) -> tuple[Path, Path]:
+        diffusers_path = kohya_path.with_name(kohya_path.stem + ".diffusers.safetensors")
+        lora_files.save_lora_files(
+            self.family.pipeline_class(), self.lora_modules, self.config.lora, kohya_path, diffusers_path,
+            self.metadata(),
+        )
+        return kohya_path, diffusers_path
+
+    # ------------------------------------------------------------------ the loop
+    def loop(self) -> TrainResult:
+        train, output = self.config.train, self.config.output
+        self.status(f"Training {self.family.label} LoRA: {train.max_steps - self.step} steps to go")
+        window: list[float] = []
+        while self.step < train.max_steps:
+            if self.controls.paused:
+                self.pause()
+            if self.controls.stop_requested:
+                return self.stop()
+            started = time.perf_counter()
+            loss = self.optimizer_step()
+            self.step += 1
+            seconds = time.perf_counter() - started
+            window = (window + [seconds])[-20:]
+            self.report(loss, seconds, sum(window) / len(window))
+            if output.save_every and self.step % output.save_every == 0 and self.step < train.max_steps:
+                self.save_checkpoint()
+            elif self.controls.take_save_request():
+                self.save_checkpoint()
+            every = self.config.sample.every
+            if (every and self.step % every == 0 and self.step < train.max_steps) or self.controls.take_sample_request():
+                self.sample()
+        return self.finish()
+
+    def optimizer_step(self) -> float:
+        train = self.config.train
+        total = 0.0
+        for _ in range(train.gradient_accumulation):
+            indices, epoch = self.cursor.next()
+            batch = self.data.load_batch(indices, epoch)
+            loss = self.compute_loss(batch) / train.gradient_accumulation
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(self.step + 1, list(batch.paths))
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable, train.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def compute_loss(self, batch) -> torch.Tensor:
+        comps, device = self.components, self.placement.device
+        with autocast_context(self.placement):
+            if batch.latents is not None:
+                latents = batch.latents.to(device, comps.weight_dtype)
+            else:
+                with torch.no_grad():
+                    latents = self.family.encode_images(comps, batch.pixels.to(device, comps.vae.dtype))
+            if batch.embeds is not None:
+                embeds = {k: v.to(device, comps.weight_dtype) for k, v in batch.embeds.items()}
+            else:
+                with torch.set_grad_enabled(self.config.lora.train_text_encoder):
+                    embeds = self.family.encode_prompts(comps, list(batch.captions))
+            noised = self.objective.add_noise(latents.float(), self.noise_generator)
+            prediction = self.family.predict(
+                comps, noised.noisy.to(comps.weight_dtype), noised.timesteps, embeds, list(batch.conditioning),
+                self.config.train,
+            )
+            return self.objective.loss(prediction, noised)
+
+    def report(self, loss: float, seconds: float, average_seconds: float) -> None:
+        lr = current_lr(self.optimizer)
+        remaining = (self.config.train.max_steps - self.step) * average_seconds
+        self.metrics.log(self.step, self.cursor.epoch, loss, lr, seconds)
+        self.emit(Progress(
+            step=self.step, max_steps=self.config.train.max_steps, epoch=self.cursor.epoch, loss=loss, lr=lr,
+            sec_per_step=average_seconds, eta_seconds=remaining,
+        ))
+
+    def pause(self) -> None:
+        self.status(f"Paused at step {self.step}")
+
+        def while_paused() -> None:
+            if self.controls.take_save_request():
+                self.save_checkpoint()
+            if self.controls.take_sample_request():
+                self.sample()
+
+        self.controls.wait_while_paused(on_idle=while_paused)
+        if not self.controls.stop_requested:
+            self.status(f"Resumed at step {self.step}")
+
+    def stop(self) -> TrainResult:
+        checkpoint = self.save_checkpoint() if self.step > 0 else None
+        self.status(f"Stopped at step {self.step}" + (f"; resume from {checkpoint}" if checkpoint else ""))
+        self.emit(Stopped(step=self.step, checkpoint=checkpoint))
+        return TrainResult(status="stopped", step=self.step, lora_path=None, checkpoint=checkpoint)
+
+    def sample(self) -> None:
+        settings = SampleSettings.from_config(self.config.sample, self.config.dataset.resolution,
+                                              self.family.size_multiple)
+        self.status(f"Rendering {len(settings.prompts)} validation image(s) at step {self.step}")
+        images = render(self.family, self.components, settings, progress=self.progress_status("Sampling"))
+        paths = save_images(images, self.output_dir / "samples" / f"step-{self.step:06d}")
+        self.emit(SamplesReady(step=self.step, paths=tuple(paths), prompts=settings.prompts))
+
+    def finish(self) -> TrainResult:
+        kohya_path, diffusers_path = self.write_lora(self.output_dir / f"{self.config.output.name}.safetensors")
+        checkpoint = self.save_checkpoint()
+        if self.config.sample.every or self.config.sample.prompts:
+            self.sample()
+        self.status(f"Finished: {kohya_path}")
+        self.emit(Finished(step=self.step, lora_path=str(kohya_path), diffusers_path=str(diffusers_path)))
+        return TrainResult(status="finished", step=self.step, lora_path=str(kohya_path), checkpoint=checkpoint)
