@@ -230,27 +230,21 @@ class TrainingRun:
         self.objective = self.family.make_objective(self.components, train)
 
     # ------------------------------------------------------------------ checkpoints
-    def training_state(self) -> dict:
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "rng": ckpt.capture_rng_state({"noise": self.noise_generator}),
-        }
-        if self.scaler is not None:
-            state["grad_scaler"] = self.scaler.state_dict()
-        return state
-
     def save_checkpoint(self) -> str:
         self.status(f"Saving checkpoint at step {self.step}")
+        training_state = ckpt.make_training_state(
+            self.optimizer, self.lr_scheduler, self.scaler,
+            rng=ckpt.capture_rng_state({"noise": self.noise_generator}),
+            lora=lora_files.lora_state_dicts(self.lora_modules),
+        )
         path = ckpt.save_checkpoint(
             self.output_dir,
             step=self.step,
-            write_lora=lambda folder: self.write_lora(folder / f"{self.config.output.name}.safetensors"),
-            training_state=self.training_state(),
-            lora_state=lora_files.lora_state_dicts(self.lora_modules),
-            progress={"step": self.step, "epoch": self.cursor.epoch, "batch_index": self.cursor.batch_index},
+            epoch=self.cursor.epoch,
+            batch_in_epoch=self.cursor.batch_index,
             config=self.config,
-            keep_last=self.config.output.keep_last,
+            write_lora=lambda folder: self.write_lora(folder / f"{self.config.output.name}.safetensors"),
+            training_state=training_state,
         )
         self.last_checkpoint = str(path)
         self.emit(CheckpointSaved(step=self.step, path=str(path)))
@@ -258,14 +252,13 @@ class TrainingRun:
 
     def restore(self, folder: Path, progress: dict) -> None:
         _, state = ckpt.load_checkpoint(folder)
-        lora_files.load_lora_state(self.lora_modules, state["lora"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.scaler is not None and "grad_scaler" in state:
-            self.scaler.load_state_dict(state["grad_scaler"])
-        ckpt.restore_rng_state(state["rng"], {"noise": self.noise_generator})
+        lora_files.load_lora_state(self.lora_modules, state["extra"]["lora"])
+        ckpt.restore_training_state(state, self.optimizer, self.lr_scheduler, self.scaler)
+        missing = ckpt.restore_rng_state(state["rng"], {"noise": self.noise_generator})
+        if missing:
+            self.status(f"Note: random state for {', '.join(missing)} could not be restored on this machine")
         self.step = int(progress["step"])
-        self.cursor = DataCursor(self.data, int(progress["epoch"]), int(progress["batch_index"]))
+        self.cursor = DataCursor(self.data, int(progress["epoch"]), int(progress["batch_in_epoch"]))
         self.last_checkpoint = str(folder)
         self.status(f"Resumed from {folder} at step {self.step}")
 

@@ -1,0 +1,163 @@
+"""End-to-end training on the built-in tiny models (CPU): outputs, resume, stop, failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_dataset, tiny_config
+from safetensors import safe_open
+
+from lora_gui.engine.errors import TrainingError
+from lora_gui.engine.train import train
+from lora_gui.events import CheckpointSaved, Controls, Failed, Finished, Progress, SamplesReady, Status
+
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "images")
+
+
+def render(pipe, family: str, seed: int = 7) -> np.ndarray:
+    kwargs = {"max_sequence_length": 32} if family == "flux" else {}
+    generator = torch.Generator("cpu").manual_seed(seed)
+    image = pipe("sks, a red square", num_inference_steps=2, height=64, width=64, generator=generator,
+                 output_type="np", **kwargs).images[0]
+    return image
+
+
+def load_pipeline(family: str, base_folder):
+    import diffusers
+
+    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(base_folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family, base, extra",
+    [
+        ("sd15", "builtin:tiny-sd15", ["lora.train_text_encoder=true", "train.min_snr_gamma=5"]),
+        ("sdxl", "builtin:tiny-sdxl", ["lora.train_text_encoder=true", "train.prediction_type=v_prediction"]),
+        ("flux", "builtin:tiny-flux", ["lora.targets=all+ffs"]),
+        ("flux", "builtin:tiny-flux-schnell", ["train.timestep_sampling=logit_normal"]),
+    ],
+)
+def test_family_trains_and_both_files_reload(family, base, extra, dataset, tmp_path):
+    from lora_gui.engine.families.builtin import ensure_builtin
+
+    events = []
+    config = tiny_config(family, dataset, tmp_path / "out", f"model.base={base}", "sample.every=5",
+                         "output.save_every=5", "lora.alpha=4", *extra)
+    result = train(config, events.append)
+
+    assert result.status == "finished" and result.step == 10
+    losses = [e.loss for e in events if isinstance(e, Progress)]
+    assert len(losses) == 10 and all(np.isfinite(losses))
+    assert any(isinstance(e, SamplesReady) and e.step == 5 for e in events)
+    assert any(isinstance(e, CheckpointSaved) for e in events)
+    finished = [e for e in events if isinstance(e, Finished)][0]
+
+    rows = (tmp_path / "out" / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,loss,lr,sec_per_step" and len(rows) == 11
+    assert (tmp_path / "out" / "samples" / "step-000005" / "00.png").is_file()
+
+    for path in (finished.lora_path, finished.diffusers_path):
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata()
+        assert metadata["lora_gui.family"] == family and metadata["lora_gui.steps"] == "10"
+        assert metadata["lora_gui.rank"] == "8" and metadata["lora_gui.alpha"] == "4.0"
+
+    pipe = load_pipeline(family, ensure_builtin(base))
+    without = render(pipe, family)
+    for index, path in enumerate((finished.lora_path, finished.diffusers_path)):
+        pipe.load_lora_weights(path, adapter_name=f"a{index}")
+        pipe.set_adapters([f"a{index}"], adapter_weights=[1.0])
+        with_lora = render(pipe, family)
+        pipe.set_adapters([f"a{index}"], adapter_weights=[0.0])
+        at_zero = render(pipe, family)
+        assert np.abs(with_lora - without).max() > 1e-4, path
+        assert np.allclose(at_zero, without, atol=1e-5), path
+        pipe.delete_adapters([f"a{index}"])
+
+
+def lora_tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(path, "pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
+@pytest.mark.slow
+def test_stop_then_resume_matches_straight_run(dataset, tmp_path):
+    overrides = ["train.max_steps=6", "train.lr_scheduler=cosine", "train.gradient_accumulation=2",
+                 "dataset.caption_dropout=0.3", "dataset.shuffle_tags=true", "lora.dropout=0.1"]
+    straight = train(tiny_config("sd15", dataset, tmp_path / "straight", *overrides))
+
+    controls = Controls()
+
+    def stop_at_three(event):
+        if isinstance(event, Progress) and event.step == 3:
+            controls.stop()
+
+    stopped = train(tiny_config("sd15", dataset, tmp_path / "split", *overrides), stop_at_three, controls)
+    assert stopped.status == "stopped" and stopped.step == 3  # stop takes effect at the next step boundary
+    assert stopped.checkpoint and stopped.checkpoint.endswith("step-000003")
+
+    resumed = train(tiny_config("sd15", dataset, tmp_path / "split", *overrides), resume_from=stopped.checkpoint)
+    assert resumed.step == 6
+
+    expected, actual = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+    rows = (tmp_path / "split" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
+
+
+@pytest.mark.slow
+def test_resume_with_another_rank_is_refused(dataset, tmp_path):
+    controls = Controls()
+    first = train(tiny_config("sd15", dataset, tmp_path / "out", "train.max_steps=2"), controls=controls)
+    with pytest.raises(TrainingError, match="lora.rank"):
+        train(tiny_config("sd15", dataset, tmp_path / "out", "lora.rank=4"), resume_from=first.checkpoint)
+    with pytest.raises(TrainingError, match="model.family"):
+        train(tiny_config("sdxl", dataset, tmp_path / "out"), resume_from=first.checkpoint)
+
+
+@pytest.mark.slow
+def test_stop_before_first_step_writes_no_checkpoint(dataset, tmp_path):
+    controls = Controls()
+    controls.stop()
+    result = train(tiny_config("sd15", dataset, tmp_path / "out"), controls=controls)
+    assert result.status == "stopped" and result.step == 0 and result.checkpoint is None
+
+
+def test_dataset_without_usable_images_stops_before_loading_a_model(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    (folder / "b.jpg").write_text("not an image")
+    events = []
+    with pytest.raises(TrainingError):
+        train(tiny_config("sd15", folder, tmp_path / "out"), events.append)
+    failed = [e for e in events if isinstance(e, Failed)]
+    assert failed and "image" in failed[0].message.lower()
+    assert not any(isinstance(e, Status) and e.text.startswith("Loading") for e in events)
+
+
+def test_missing_dataset_dir_is_explained(tmp_path):
+    with pytest.raises(TrainingError) as err:
+        train(tiny_config("sd15", tmp_path / "nope", tmp_path / "out"))
+    assert "nope" in str(err.value)
+
+
+@pytest.mark.slow
+def test_quantized_base_trains_and_lora_loads_unquantized(dataset, tmp_path):
+    from lora_gui.engine.families.builtin import ensure_builtin
+
+    result = train(tiny_config("sd15", dataset, tmp_path / "out", "model.quantize=int8", "train.max_steps=3"))
+    pipe = load_pipeline("sd15", ensure_builtin("builtin:tiny-sd15"))
+    pipe.load_lora_weights(result.lora_path)
+    assert render(pipe, "sd15").shape == (64, 64, 3)
