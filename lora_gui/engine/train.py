@@ -146,7 +146,7 @@ class TrainingRun:
             dataset, size_multiple=self.family.size_multiple, batch_size=self.config.train.batch_size,
             seed=self.config.train.seed, log=self.status,
         )
-        self.status(f"{len(data)} training images in {len(data.bucket_sizes())} aspect-ratio buckets")
+        self.status(data.describe())
         return data
 
     def quantize(self) -> None:
@@ -160,7 +160,7 @@ class TrainingRun:
 
     def model_key(self) -> str:
         model = self.config.model
-        return f"{model.family}|{model.base}|{model.revision}|{self.components.source}"
+        return f"{model.family}|{model.base}|{model.revision}|{self.components.source}|{self.components.vae.dtype}"
 
     def fill_caches(self) -> None:
         dataset, comps, device = self.config.dataset, self.components, self.placement.device
@@ -179,10 +179,13 @@ class TrainingRun:
                     embeds = self.family.encode_prompts(comps, captions)
                 return {k: v.float().cpu() for k, v in embeds.items()}
 
-            self.text_cached = self.data.fill_text_cache(
+            cached = self.data.fill_text_cache(
                 encode_text, self.cache_dir(), self.model_key(), self.progress_status("Caching text embeddings")
             )
-            if self.text_cached:
+            self.text_cached = bool(cached)
+            if not cached:
+                self.status(f"Text embeddings are computed at each step: {cached.reason}")
+            else:
                 for encoder in comps.text_encoders:
                     self.offload(encoder)
         free_accelerator_memory()
