@@ -202,7 +202,7 @@ class TrainingRun:
         lora = self.config.lora
         self.lora_modules = self.family.trainable_modules(self.components, lora.train_text_encoder)
         targets = {
-            key: (self.family.lora_targets(lora.targets) if key == self.family.denoiser_key
+            key: (self.family.lora_targets(lora.targets, self.components.denoiser) if key == self.family.denoiser_key
                   else self.family.text_encoder_lora_targets)
             for key in self.lora_modules
         }

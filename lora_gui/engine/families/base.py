@@ -101,7 +101,8 @@ class ModelFamily(ABC):
         """Extra keyword arguments the family's pipeline needs when sampling."""
         return {}
 
-    def lora_targets(self, preset: str) -> list[str]:
+    def lora_targets(self, preset: str, denoiser: Any = None) -> list[str]:
+        """peft ``target_modules`` for a preset; given the loaded ``denoiser`` a family may fit them to its size."""
         if preset not in self.lora_target_presets:
             known = ", ".join(self.lora_target_presets)
             raise ValueError(f"lora.targets: {preset!r} is not a target preset for {self.label}. Choose one of: {known}")
@@ -111,5 +112,5 @@ class ModelFamily(ABC):
         """Modules that receive LoRA adapters, keyed by their pipeline attribute name."""
         modules = {self.denoiser_key: components.denoiser}
         if train_text_encoder and self.supports_text_encoder_lora:
-            modules.update(dict(zip(self.text_encoder_keys, components.text_encoders)))
+            modules.update(dict(zip(self.text_encoder_keys, components.text_encoders, strict=False)))
         return modules

@@ -1,0 +1,188 @@
+"""Flux.1 dev and schnell: a rectified-flow transformer on packed 16-channel latents.
+
+Text comes from CLIP (pooled) and T5 (per token). Flux dev also takes a guidance value;
+schnell has no guidance embedding. The variant is read from the transformer's config.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+
+from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
+from lora_gui.engine.families.builtin import is_builtin
+from lora_gui.engine.families.loading import ModelLoadError, load_pipeline, resolve_source
+from lora_gui.engine.families.sd15 import (
+    clip_input_ids,
+    encode_vae_latents,
+    fresh_scheduler,
+    frozen_components,
+    unwrap,
+)
+from lora_gui.engine.objectives import FlowMatchingObjective
+
+if TYPE_CHECKING:
+    from lora_gui.config import ModelSection, TrainSection
+    from lora_gui.events import Emit
+
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"
+FLUX_SINGLE_BLOCKS = 38  # single-stream blocks in FLUX.1; "tiny" and "nano" name blocks by index
+BUILTIN_T5_TOKENS = 32
+
+_IMAGE_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+_CONTEXT_ATTN = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
+# SimpleTuner's --flux_lora_target presets, as peft suffixes of FluxTransformer2DModel module names.
+FLUX_TARGET_PRESETS: dict[str, list[str]] = {
+    "mmdit": _IMAGE_ATTN,
+    "all": _IMAGE_ATTN + _CONTEXT_ATTN,
+    "all+ffs": _IMAGE_ATTN + _CONTEXT_ATTN + _FEED_FORWARD,
+    "context": _CONTEXT_ATTN,
+    "tiny": ["single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out"],
+    "nano": ["single_transformer_blocks.7.proj_out"],
+}
+_SINGLE_BLOCK = re.compile(r"^single_transformer_blocks\.(\d+)\.")
+
+
+class FluxFamily(ModelFamily):
+    name = "flux"
+    label = "Flux.1"
+    denoiser_key = "transformer"
+    text_encoder_keys = ("text_encoder", "text_encoder_2")
+    lora_target_presets = FLUX_TARGET_PRESETS
+    supports_text_encoder_lora = False
+    default_resolution = 1024
+    size_multiple = 16  # VAE factor 8 times 2x2 patch packing
+
+    def pipeline_class(self) -> type:
+        return FluxPipeline
+
+    def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
+        source = resolve_source(model.base, model.cache_dir)
+        schnell_file = source.kind == "single_file" and not single_file_has_guidance(source.location)
+        pipe, location = load_pipeline(
+            model, FluxPipeline, dtype, emit, source=source,
+            default_components=FLUX_SCHNELL if schnell_file else FLUX_DEV,
+            single_file_part=("transformer", FluxTransformer2DModel),
+        )
+        variant = "dev" if pipe.transformer.config.guidance_embeds else "schnell"
+        tokens = max_sequence_length(model.base, variant, pipe.tokenizer_2)
+        return frozen_components(self, pipe, location, device, dtype, variant=variant, max_sequence_length=tokens)
+
+    def lora_targets(self, preset: str, denoiser: Any = None) -> list[str]:
+        """Block-indexed presets (tiny, nano) are moved to the same relative depth in a smaller model."""
+        targets = super().lora_targets(preset)
+        config = getattr(unwrap(denoiser), "config", None) if denoiser is not None else None
+        count = getattr(config, "num_single_layers", None)
+        if not count:
+            return targets
+        fitted = [_fit_single_block(target, count) for target in targets]
+        return list(dict.fromkeys(fitted))
+
+    def encode_prompts(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        """CLIP's pooled output and T5's hidden states, as FluxPipeline.encode_prompt computes them."""
+        clip, t5 = components.text_encoders
+        clip_tokenizer, t5_tokenizer = components.tokenizers
+        pooled = clip(clip_input_ids(clip_tokenizer, captions, clip), output_hidden_states=False).pooler_output
+        t5_ids = t5_tokenizer(captions, padding="max_length", max_length=components.extra["max_sequence_length"],
+                              truncation=True, return_tensors="pt").input_ids
+        hidden = t5(t5_ids.to(t5.device), output_hidden_states=False)[0]
+        return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+
+    def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        return encode_vae_latents(components.vae, pixels).to(components.weight_dtype)
+
+    def make_objective(self, components: Components, train: TrainSection) -> FlowMatchingObjective:
+        return FlowMatchingObjective(
+            train.timestep_sampling, logit_mean=train.logit_mean, logit_std=train.logit_std, shift=train.flow_shift,
+            num_train_timesteps=components.scheduler.config.num_train_timesteps,
+        )
+
+    def predict(self, components: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                embeds: dict[str, torch.Tensor], conditioning: list[Conditioning], train: TrainSection) -> torch.Tensor:
+        dtype, device = components.weight_dtype, noisy_latents.device
+        batch, _, height, width = noisy_latents.shape
+        prompt_embeds = embeds["prompt_embeds"].to(dtype)
+        guidance = None
+        if unwrap(components.denoiser).config.guidance_embeds:
+            guidance = torch.full((batch,), float(train.guidance), device=device, dtype=torch.float32)
+        packed = components.denoiser(
+            hidden_states=pack_latents(noisy_latents.to(dtype)),
+            timestep=(timesteps / 1000).to(dtype),
+            guidance=guidance,
+            pooled_projections=embeds["pooled_prompt_embeds"].to(dtype),
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
+            img_ids=latent_image_ids(height // 2, width // 2, device, dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(packed, height, width)
+
+    def build_pipeline(self, components: Components) -> Any:
+        pipe = FluxPipeline(
+            scheduler=fresh_scheduler(components.scheduler),
+            vae=components.vae,
+            text_encoder=unwrap(components.text_encoders[0]),
+            tokenizer=components.tokenizers[0],
+            text_encoder_2=unwrap(components.text_encoders[1]),
+            tokenizer_2=components.tokenizers[1],
+            transformer=unwrap(components.denoiser),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def sample_kwargs(self, components: Components) -> dict[str, Any]:
+        return {"max_sequence_length": components.extra["max_sequence_length"]}
+
+
+def max_sequence_length(base: str, variant: str, t5_tokenizer: Any) -> int:
+    """T5 tokens per caption: 512 for dev, 256 for schnell (as BFL trained them); short for built-in models."""
+    if is_builtin(base):
+        return BUILTIN_T5_TOKENS
+    return min(512 if variant == "dev" else 256, int(t5_tokenizer.model_max_length))
+
+
+def single_file_has_guidance(path: str) -> bool:
+    """Whether a Flux checkpoint file has a guidance embedding (dev) or not (schnell); reads only key names."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return any("guidance_in." in key or "guidance_embedder." in key for key in handle.keys())
+    except Exception as exc:  # safetensors raises its own error type for damaged headers
+        raise ModelLoadError(f"{path} is not a readable .safetensors file ({exc}). It may be an incomplete "
+                             "download: download it again.") from exc
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) to (B, H/2 * W/2, C * 4): 2x2 patches as tokens, like FluxPipeline._pack_latents."""
+    batch, channels, height, width = latents.shape
+    latents = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of ``pack_latents`` for latents of ``height`` x ``width``."""
+    batch, _, features = packed.shape
+    latents = packed.view(batch, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(batch, features // 4, height, width)
+
+
+def latent_image_ids(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Position ids (0, row, col) of each packed token, like FluxPipeline._prepare_latent_image_ids."""
+    ids = torch.zeros(rows, cols, 3, device=device)
+    ids[..., 1] = torch.arange(rows, device=device)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device)[None, :]
+    return ids.reshape(rows * cols, 3).to(dtype)
+
+
+def _fit_single_block(target: str, count: int) -> str:
+    match = _SINGLE_BLOCK.match(target)
+    if not match or int(match.group(1)) < count:
+        return target
+    index = min(count - 1, round(int(match.group(1)) * count / FLUX_SINGLE_BLOCKS))
+    return _SINGLE_BLOCK.sub(f"single_transformer_blocks.{index}.", target)

@@ -1,0 +1,357 @@
+"""Find and load a family's base model: built-in, local diffusers folder, single file or Hub id.
+
+Every problem a person can fix becomes a ``ModelLoadError`` that says what happened and what
+to do. Pickled checkpoints (.ckpt, .pt, .pth, .bin) are refused before they are opened.
+Hub downloads report progress as ``Status`` events.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_gui.engine.families.builtin import ensure_builtin, is_builtin
+from lora_gui.events import Status
+
+if TYPE_CHECKING:
+    import torch
+
+    from lora_gui.config import ModelSection
+    from lora_gui.events import Emit
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+# What a pipeline needs from a Hub repo: configs, tokenizers and safetensors weights in the
+# component folders. Root-level files (often a second copy as one big checkpoint) are skipped.
+WEIGHT_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+CONFIG_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model"]
+SKIPPED_PATTERNS = ["*.fp16*", "*.bf16*", "*non_ema*", "*.ema.*", "safety_checker/*"]
+KNOWN_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
+
+
+class ModelLoadError(ValueError):
+    """The base model could not be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "folder", "single_file" or "hub"
+    location: str  # folder path, file path or Hub repo id
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def resolve_source(base: str, cache_dir: str | None = None) -> ModelSource:
+    """Decide what ``model.base`` names, without opening any weights."""
+    base = base.strip()
+    if not base:
+        raise ModelLoadError("model.base is empty. Give a Hugging Face id, a diffusers folder, a .safetensors file "
+                             "or a built-in model such as builtin:tiny-sd15.")
+    if is_builtin(base):
+        try:
+            return ModelSource("folder", str(ensure_builtin(base, cache_dir)))
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+    refuse_pickle(base)
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return ModelSource("folder", str(_check_diffusers_folder(path)))
+    if path.is_file():
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            return ModelSource("single_file", str(path))
+        raise ModelLoadError(f"{base} is not a model file lora-gui can read ({path.suffix or 'no extension'}). "
+                             "Use a .safetensors checkpoint or a diffusers folder.")
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES or _looks_like_path(base):
+        raise ModelLoadError(f"model.base {base!r} does not exist. Check the path (and that the drive is mounted).")
+    if HUB_ID.match(base):
+        return ModelSource("hub", base)
+    raise ModelLoadError(f"model.base {base!r} is not a built-in model, an existing file or folder, or a Hugging Face "
+                         "id (owner/name, e.g. stabilityai/stable-diffusion-xl-base-1.0).")
+
+
+def refuse_pickle(location: str) -> None:
+    suffix = Path(location).suffix.lower()
+    if suffix not in PICKLE_SUFFIXES:
+        return
+    target = Path(location).with_suffix(".safetensors").name
+    raise ModelLoadError(
+        f"{location}: {suffix} files are Python pickles, and opening one can run any code hidden inside it, so "
+        "lora-gui does not load them. Convert it to .safetensors once, if you trust where it came from: in a Python "
+        "shell run\n"
+        "  import torch, safetensors.torch as st\n"
+        f"  sd = torch.load({location!r}, map_location='cpu', weights_only=True)\n"
+        "  sd = sd.get('state_dict', sd)\n"
+        f"  st.save_file({{k: v.clone().contiguous() for k, v in sd.items() if torch.is_tensor(v)}}, {target!r})\n"
+        "(weights_only=True refuses to run code), or use the checkpoint converter of A1111/Forge or ComfyUI, or "
+        "download the .safetensors version that most model pages offer. Then point model.base at the .safetensors file."
+    )
+
+
+def _check_diffusers_folder(path: Path) -> Path:
+    if (path / "model_index.json").is_file():
+        return path
+    singles = sorted(p.name for p in path.glob("*.safetensors"))
+    hint = f" It contains {', '.join(singles[:3])}: set model.base to one of those files instead." if singles else ""
+    raise ModelLoadError(f"{path} is not a diffusers model folder (it has no model_index.json).{hint} A diffusers "
+                         "folder has model_index.json plus unet/ or transformer/, vae/, text_encoder/ and so on.")
+
+
+def _looks_like_path(text: str) -> bool:
+    return "\\" in text or text.startswith((".", "/", "~")) or text.count("/") > 1 or bool(re.match(r"^[A-Za-z]:", text))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_pipeline(
+    model: ModelSection,
+    pipeline_class: type,
+    dtype: torch.dtype,
+    emit: Emit,
+    *,
+    default_components: str,
+    single_file_part: tuple[str, type] | None = None,
+    source: ModelSource | None = None,
+    **overrides: Any,
+) -> tuple[Any, str]:
+    """Load ``model.base`` as ``pipeline_class``; returns the pipeline and where its weights came from.
+
+    ``single_file_part`` = (attribute, model class) means a single file holds only that part
+    (Flux's transformer); the rest then comes from ``model.components``.
+    """
+    source = source or resolve_source(model.base, model.cache_dir)
+    emit(Status(f"Loading base model {model.base}"))
+    if source.kind == "hub":
+        folder = download_snapshot(source.location, model.revision, model.cache_dir, emit)
+        return _from_folder(pipeline_class, folder, dtype, overrides), str(folder)
+    if source.kind == "folder":
+        return _from_folder(pipeline_class, Path(source.location), dtype, overrides), source.location
+    spec = model.components or default_components
+    if single_file_part is None:
+        with _explain_components(spec, "its configs and tokenizers"):
+            config = components_folder(spec, model.cache_dir, emit, CONFIG_PATTERNS, SKIPPED_PATTERNS)
+        return _from_single_file(pipeline_class, source.location, config, dtype, overrides), source.location
+    name, part_class = single_file_part
+    skipped = [*SKIPPED_PATTERNS, f"{name}/*.safetensors"]
+    with _explain_components(spec, f"everything but the {name} (VAE, text encoders, configs)"):
+        config = components_folder(spec, model.cache_dir, emit, WEIGHT_PATTERNS, skipped)
+    part = _from_single_file(part_class, source.location, config, dtype, {"subfolder": name})
+    return _from_folder(pipeline_class, config, dtype, {**overrides, name: part}), source.location
+
+
+def components_folder(spec: str, cache_dir: str | None, emit: Emit, allow: list[str], skip: list[str]) -> Path:
+    """The local folder behind ``model.components``: built-in, local diffusers folder or Hub id."""
+    try:
+        source = resolve_source(spec, cache_dir)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"model.components: {exc}") from None
+    if source.kind == "folder":
+        return Path(source.location)
+    if source.kind == "hub":
+        return download_snapshot(source.location, None, cache_dir, emit, allow=allow, skip=skip)
+    raise ModelLoadError(f"model.components must be a diffusers folder or a Hugging Face id that provides the VAE, "
+                         f"text encoders and configs, not a single file ({spec}).")
+
+
+@contextmanager
+def _explain_components(spec: str, what: str) -> Iterator[None]:
+    try:
+        yield
+    except ModelLoadError as exc:
+        raise ModelLoadError(
+            f"A single-file checkpoint needs a matching diffusers model for {what}; model.components names it "
+            f"({spec}). {exc} To avoid the download, set model.components to a local diffusers folder of the same "
+            "model type."
+        ) from exc
+
+
+def _from_folder(pipeline_class: type, folder: Path, dtype: torch.dtype, overrides: dict) -> Any:
+    _check_pipeline_class(folder, pipeline_class)
+    try:
+        return pipeline_class.from_pretrained(str(folder), use_safetensors=True, **_dtype_kwarg(dtype), **overrides)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Could not load {folder} as a {pipeline_class.__name__}: {type(exc).__name__}: {exc}. Check that "
+            "model.family matches this model and that the folder is complete (safetensors weights in every "
+            "component folder); if it came from the Hub, deleting its cache folder makes it download again."
+        ) from exc
+
+
+def _from_single_file(model_class: type, path: str, config: Path, dtype: torch.dtype, overrides: dict) -> Any:
+    try:
+        return model_class.from_single_file(path, config=str(config), local_files_only=True, **_dtype_kwarg(dtype),
+                                            **overrides)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Could not load {path} as a {model_class.__name__} checkpoint: {type(exc).__name__}: {exc}. Check that "
+            f"model.family matches the checkpoint and that model.components ({config}) is the same kind of model "
+            "(its configs, VAE and text encoders are used with the file)."
+        ) from exc
+
+
+def _check_pipeline_class(folder: Path, pipeline_class: type) -> None:
+    try:
+        found = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return  # diffusers reports unreadable folders itself
+    wanted = pipeline_class.__name__
+    if found != wanted and found in KNOWN_PIPELINES and wanted in KNOWN_PIPELINES:
+        raise ModelLoadError(f"{folder} holds a {found} model (family {KNOWN_PIPELINES[found]}), but model.family "
+                             f"is {KNOWN_PIPELINES[wanted]}. Set model.family = \"{KNOWN_PIPELINES[found]}\".")
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
+    """Recent diffusers renamed ``torch_dtype`` to ``dtype`` and warn about the old name."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
+def place_frozen(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """A base-model part that is never trained directly: no gradients, eval mode, on device."""
+    module.requires_grad_(False)
+    module.eval()
+    module.to(device)
+    if getattr(module, "dtype", dtype) != dtype:
+        module.to(dtype=dtype)
+    return module
+
+
+# ----------------------------------------------------------------------------- the Hub
+
+
+def download_snapshot(repo_id: str, revision: str | None, cache_dir: str | None, emit: Emit,
+                      allow: list[str] | None = None, skip: list[str] | None = None) -> Path:
+    """Download (or find in the cache) the files a pipeline needs, reporting progress.
+
+    model_index.json comes first; only the component folders it names are fetched, so extra
+    folders some repos carry (ONNX exports, spare VAEs) are not downloaded.
+    """
+    import huggingface_hub
+
+    emit(Status(f"Fetching {repo_id} from the Hugging Face Hub (kept in the cache after the first time)"))
+    hub_cache = str(Path(cache_dir) / "hub") if cache_dir else None
+    common = {"revision": revision, "cache_dir": hub_cache, "tqdm_class": status_tqdm(emit, repo_id)}
+    with hub_errors(repo_id, revision, hub_cache):
+        index = huggingface_hub.snapshot_download(repo_id, allow_patterns=["model_index.json"], **common)
+        patterns = _component_patterns(repo_id, Path(index), allow or WEIGHT_PATTERNS)
+        ignore = skip if skip is not None else SKIPPED_PATTERNS
+        folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore, **common)
+    emit(Status(f"{repo_id} is ready"))
+    return Path(folder)
+
+
+def _component_patterns(repo_id: str, folder: Path, allow: list[str]) -> list[str]:
+    """``*/x`` patterns narrowed to the component folders that model_index.json names."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ModelLoadError(
+            f"{repo_id} on the Hugging Face Hub is not a diffusers model (it has no readable model_index.json). If the "
+            "repo offers a single .safetensors checkpoint, download that file and set model.base to its path."
+        ) from None
+    parts = [name for name, value in index.items() if isinstance(value, list) and value[0] is not None]
+    patterns = [p for p in allow if not p.startswith("*/")]
+    return patterns + [f"{part}/{p[2:]}" for part in parts for p in allow if p.startswith("*/")]
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into messages that say what to do."""
+    from huggingface_hub import errors
+
+    try:
+        yield
+    except errors.GatedRepoError as exc:
+        raise ModelLoadError(
+            f"{repo_id} is a gated model: its licence must be accepted before it can be downloaded. Open "
+            f"https://huggingface.co/{repo_id}, log in and accept the terms there, then give lora-gui your access "
+            "token: run `huggingface-cli login` (or `hf auth login`), or set the HF_TOKEN environment variable, and "
+            "start again."
+        ) from exc
+    except errors.RevisionNotFoundError as exc:
+        raise ModelLoadError(f"{repo_id} has no revision {revision!r}. Fix model.revision (a branch, tag or commit) "
+                             "or leave it empty for the main branch.") from exc
+    except errors.RepositoryNotFoundError as exc:
+        raise ModelLoadError(
+            f"{repo_id} was not found on the Hugging Face Hub. Check the id (owner/name, e.g. "
+            "stabilityai/stable-diffusion-xl-base-1.0). If it is a private model, log in with `huggingface-cli login` "
+            "or set HF_TOKEN. For a model already on this computer, give its folder or .safetensors path instead."
+        ) from exc
+    except OSError as exc:
+        if isinstance(exc, errors.HfHubHTTPError) or not _is_network_error(exc, errors):
+            raise ModelLoadError(_other_hub_problem(repo_id, exc, cache_dir)) from exc
+        raise ModelLoadError(_offline_message(repo_id, exc)) from exc
+    except Exception as exc:
+        if not _is_network_error(exc, errors):
+            raise
+        raise ModelLoadError(_offline_message(repo_id, exc)) from exc
+
+
+def _is_network_error(exc: BaseException, errors: Any) -> bool:
+    if isinstance(exc, (ConnectionError, TimeoutError, errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
+        return True
+    return type(exc).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests", "urllib3"}
+
+
+def _offline_message(repo_id: str, exc: BaseException) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    why = "offline mode is on (HF_HUB_OFFLINE is set)" if offline else f"{type(exc).__name__}: {exc}"
+    return (f"Could not reach the Hugging Face Hub to fetch {repo_id} ({why}), and it is not complete in the local "
+            "cache. Check the internet connection and proxy settings, or use a model already on this computer: a "
+            "diffusers folder, a single .safetensors file, or a built-in model such as builtin:tiny-sd15.")
+
+
+def _other_hub_problem(repo_id: str, exc: OSError, cache_dir: str | None) -> str:
+    where = cache_dir or "the Hugging Face cache (HF_HOME)"
+    if exc.errno == errno.ENOSPC:
+        return f"Ran out of disk space while downloading {repo_id} into {where}. Free space or set model.cache_dir " \
+               "to a drive with more room."
+    if isinstance(exc, PermissionError):
+        return f"Cannot write the download of {repo_id} into {where}: {exc}. Set model.cache_dir to a folder you " \
+               "can write to."
+    return (f"Downloading {repo_id} from the Hugging Face Hub failed: {type(exc).__name__}: {exc}. A 401/403 means "
+            "you need to log in (`huggingface-cli login` or HF_TOKEN); a 5xx error usually passes, so try again later.")
+
+
+def status_tqdm(emit: Emit, label: str) -> type:
+    """A tqdm class that reports progress as ``Status`` events instead of drawing bars.
+
+    huggingface_hub updates it from download threads, so ``emit`` must be thread-safe.
+    """
+    from tqdm import tqdm
+
+    class StatusTqdm(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.pop("name", None)
+            kwargs.setdefault("mininterval", 0.5)
+            kwargs["file"] = io.StringIO()
+            super().__init__(*args, **kwargs)
+
+        def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+            total = int(self.total) if self.total else None
+            emit(Status(f"Downloading {label}: {self._describe(total)}", current=int(self.n), total=total))
+            return True
+
+        def _describe(self, total: int | None) -> str:
+            if self.unit == "B":
+                done = tqdm.format_sizeof(self.n, "B", 1000)
+                return f"{done} of {tqdm.format_sizeof(total, 'B', 1000)}" if total else done
+            counted = f"{int(self.n)} of {total}" if total else str(int(self.n))
+            return f"{self.desc or 'files'} {counted}".strip()
+
+    return StatusTqdm

@@ -1,0 +1,148 @@
+"""Stable Diffusion 1.5: a UNet on 4-channel latents, conditioned on one CLIP text encoder."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
+from lora_gui.engine.families.loading import load_pipeline, place_frozen
+from lora_gui.engine.objectives import DiffusionObjective
+
+if TYPE_CHECKING:
+    from lora_gui.config import ModelSection, TrainSection
+    from lora_gui.events import Emit
+
+_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+_FF = ["ff.net.0.proj", "ff.net.2"]
+# proj_in/proj_out are 1x1 convolutions in SD1.5 and Linear layers in SDXL; peft adapts both.
+SD_TARGET_PRESETS: dict[str, list[str]] = {
+    "attn": _ATTN,
+    "attn_ff": _ATTN + _FF,
+    "all_linear": _ATTN + _FF + ["proj_in", "proj_out", "time_emb_proj"],
+}
+
+
+class SD15Family(ModelFamily):
+    name = "sd15"
+    label = "Stable Diffusion 1.5"
+    denoiser_key = "unet"
+    text_encoder_keys = ("text_encoder",)
+    lora_target_presets = SD_TARGET_PRESETS
+    default_resolution = 512
+    size_multiple = 8
+    # Configs, VAE and text encoder used with a single-file checkpoint when model.components is empty.
+    default_components = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+    def pipeline_class(self) -> type:
+        return StableDiffusionPipeline
+
+    def _load_overrides(self) -> dict[str, Any]:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
+        pipe, source = load_pipeline(model, self.pipeline_class(), dtype, emit,
+                                     default_components=self.default_components, **self._load_overrides())
+        return frozen_components(self, pipe, source, device, dtype)
+
+    def encode_prompts(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        encoder = components.text_encoders[0]
+        ids = clip_input_ids(components.tokenizers[0], captions, encoder)
+        return {"prompt_embeds": encoder(ids)[0]}
+
+    def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        return encode_vae_latents(components.vae, pixels).to(components.weight_dtype)
+
+    def make_objective(self, components: Components, train: TrainSection) -> DiffusionObjective:
+        config = dict(components.scheduler.config)
+        prediction = train.prediction_type
+        if prediction == "auto":
+            prediction = config.get("prediction_type", "epsilon")
+        if prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"The model's scheduler predicts {prediction!r}, which training does not support. Set "
+                             "train.prediction_type to epsilon or v_prediction.")
+        return DiffusionObjective(config, prediction, min_snr_gamma=train.min_snr_gamma,
+                                  noise_offset=train.noise_offset)
+
+    def predict(self, components: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                embeds: dict[str, torch.Tensor], conditioning: list[Conditioning], train: TrainSection) -> torch.Tensor:
+        dtype = components.weight_dtype
+        return components.denoiser(
+            noisy_latents.to(dtype), timesteps, encoder_hidden_states=embeds["prompt_embeds"].to(dtype),
+            return_dict=False,
+        )[0]
+
+    def build_pipeline(self, components: Components) -> Any:
+        pipe = StableDiffusionPipeline(
+            vae=components.vae,
+            text_encoder=unwrap(components.text_encoders[0]),
+            tokenizer=components.tokenizers[0],
+            unet=unwrap(components.denoiser),
+            scheduler=fresh_scheduler(components.scheduler),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+# ----------------------------------------------------------------------------- shared with other families
+
+
+def frozen_components(family: ModelFamily, pipe: Any, source: str, device: torch.device, dtype: torch.dtype,
+                      **extra: Any) -> Components:
+    """A loaded pipeline's parts, frozen and placed, under the names the family uses."""
+    encoders = [place_frozen(getattr(pipe, key), device, dtype) for key in family.text_encoder_keys]
+    tokenizers = [getattr(pipe, key.replace("text_encoder", "tokenizer")) for key in family.text_encoder_keys]
+    return Components(
+        denoiser=place_frozen(getattr(pipe, family.denoiser_key), device, dtype),
+        vae=place_frozen(pipe.vae, device, dtype),
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        scheduler=pipe.scheduler,
+        source=source,
+        device=device,
+        weight_dtype=dtype,
+        extra=extra,
+    )
+
+
+def clip_input_ids(tokenizer: Any, captions: list[str], encoder: Any) -> torch.Tensor:
+    """Token ids padded to the tokenizer's full length, as the diffusers pipelines do."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids.to(encoder.device)
+
+
+@torch.no_grad()
+def encode_vae_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Deterministic latents (the distribution's mode), shifted and scaled as the denoiser expects.
+
+    A float16 VAE that asks for it (``force_upcast``) encodes in float32, as the pipelines decode.
+    """
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    # torch's own .to(): diffusers' override warns on every cast, and this one is undone at once.
+    if upcast:
+        torch.nn.Module.to(vae, torch.float32)
+    try:
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    finally:
+        if upcast:
+            torch.nn.Module.to(vae, torch.float16)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def unwrap(module: Any) -> Any:
+    """The plain diffusers/transformers module under a peft or torch.compile wrapper."""
+    if hasattr(module, "get_base_model"):
+        module = module.get_base_model()
+    return getattr(module, "_orig_mod", module)
+
+
+def fresh_scheduler(scheduler: Any) -> Any:
+    """A copy, so sampling never changes the scheduler state the trainer holds."""
+    return scheduler.__class__.from_config(scheduler.config)

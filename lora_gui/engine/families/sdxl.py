@@ -1,0 +1,68 @@
+"""SDXL: the SD UNet recipe with two CLIP text encoders and size/crop conditioning."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from lora_gui.engine.families.base import Components, Conditioning
+from lora_gui.engine.families.sd15 import SD15Family, clip_input_ids, fresh_scheduler, unwrap
+
+if TYPE_CHECKING:
+    from lora_gui.config import TrainSection
+
+
+class SDXLFamily(SD15Family):
+    name = "sdxl"
+    label = "Stable Diffusion XL"
+    text_encoder_keys = ("text_encoder", "text_encoder_2")
+    default_resolution = 1024
+    default_components = "stabilityai/stable-diffusion-xl-base-1.0"
+
+    def pipeline_class(self) -> type:
+        return StableDiffusionXLPipeline
+
+    def _load_overrides(self) -> dict[str, Any]:
+        return {}
+
+    def encode_prompts(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Penultimate hidden states of both encoders side by side, and encoder 2's pooled projection."""
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
+            output = encoder(clip_input_ids(tokenizer, captions, encoder), output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            pooled = output[0]  # the last encoder's text_embeds
+        return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+    def predict(self, components: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                embeds: dict[str, torch.Tensor], conditioning: list[Conditioning], train: TrainSection) -> torch.Tensor:
+        dtype = components.weight_dtype
+        added = {
+            "text_embeds": embeds["pooled_prompt_embeds"].to(dtype),
+            "time_ids": time_ids(conditioning, noisy_latents.device, dtype),
+        }
+        return components.denoiser(
+            noisy_latents.to(dtype), timesteps, encoder_hidden_states=embeds["prompt_embeds"].to(dtype),
+            added_cond_kwargs=added, return_dict=False,
+        )[0]
+
+    def build_pipeline(self, components: Components) -> Any:
+        pipe = StableDiffusionXLPipeline(
+            vae=components.vae,
+            text_encoder=unwrap(components.text_encoders[0]),
+            text_encoder_2=unwrap(components.text_encoders[1]),
+            tokenizer=components.tokenizers[0],
+            tokenizer_2=components.tokenizers[1],
+            unet=unwrap(components.denoiser),
+            scheduler=fresh_scheduler(components.scheduler),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def time_ids(conditioning: list[Conditioning], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """SDXL's micro-conditioning per sample: original size + crop top-left + target size, (height, width) order."""
+    rows = [list(c.original_size) + list(c.crop_top_left) + list(c.target_size) for c in conditioning]
+    return torch.tensor(rows, device=device, dtype=dtype)
