@@ -22,7 +22,7 @@ COLORS = ["red", "blue", "green", "yellow", "purple", "orange"]
 
 def make_dataset(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    for index, (caption, size, color) in enumerate(zip(CAPTIONS, SIZES, COLORS)):
+    for index, (caption, size, color) in enumerate(zip(CAPTIONS, SIZES, COLORS, strict=True)):
         image = Image.new("RGB", size, "white")
         draw = ImageDraw.Draw(image)
         width, height = size

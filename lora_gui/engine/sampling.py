@@ -52,7 +52,7 @@ class ModelsOnDevice:
             module.to(self.device)
 
     def __exit__(self, *exc) -> None:
-        for module, device in zip(self.modules, self.previous):
+        for module, device in zip(self.modules, self.previous, strict=True):
             module.to(device)
 
 

@@ -206,7 +206,8 @@ class TrainingRun:
                   else self.family.text_encoder_lora_targets)
             for key in self.lora_modules
         }
-        lora_files.inject_lora(self.lora_modules, targets, lora, seed=self.config.train.seed)
+        torch.manual_seed(self.config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
+        lora_files.inject_lora(self.lora_modules, targets, lora)
         if self.config.train.gradient_checkpointing:
             self.enable_gradient_checkpointing()
         for module in self.lora_modules.values():

@@ -1,0 +1,95 @@
+"""Each objective against the formulas in diffusers' own training utilities, on a fixed batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
+
+from lora_gui.engine.objectives import DiffusionObjective, FlowMatchingObjective
+
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def fixed_batch():
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8, generator=generator)
+    prediction = torch.randn(4, 4, 8, 8, generator=generator)
+    return latents, prediction
+
+
+def reference_sd_loss(latents, prediction, prediction_type, gamma, offset, seed):
+    """The diffusers train_text_to_image recipe, drawing noise in the same order as the objective."""
+    scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    if not gamma:
+        return noisy, timesteps, target, F.mse_loss(prediction, target, reduction="mean")
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+    loss = F.mse_loss(prediction, target, reduction="none").mean(dim=[1, 2, 3]) * weights
+    return noisy, timesteps, target, loss.mean()
+
+
+def check_sd(prediction_type, gamma, offset):
+    latents, prediction = fixed_batch()
+    objective = DiffusionObjective(SD_SCHEDULE, prediction_type, min_snr_gamma=gamma, noise_offset=offset)
+    batch = objective.add_noise(latents, torch.Generator().manual_seed(5))
+    noisy, timesteps, target, expected = reference_sd_loss(latents, prediction, prediction_type, gamma, offset, 5)
+    torch.testing.assert_close(batch.timesteps, timesteps)
+    torch.testing.assert_close(batch.noisy, noisy)
+    torch.testing.assert_close(batch.target, target)
+    torch.testing.assert_close(objective.loss(prediction, batch), expected)
+
+
+def test_epsilon_loss_matches_diffusers():
+    check_sd("epsilon", 0.0, 0.0)
+
+
+def test_v_prediction_loss_matches_diffusers():
+    check_sd("v_prediction", 0.0, 0.0)
+
+
+def test_min_snr_gamma_matches_diffusers_for_epsilon_and_v():
+    check_sd("epsilon", 5.0, 0.0)
+    check_sd("v_prediction", 5.0, 0.0)
+
+
+def test_noise_offset_is_added_per_channel():
+    check_sd("epsilon", 0.0, 0.1)
+
+
+def test_flow_matching_matches_sd3_flux_recipe():
+    latents, prediction = fixed_batch()
+    objective = FlowMatchingObjective(sampling="logit_normal", logit_mean=0.0, logit_std=1.0)
+    batch = objective.add_noise(latents, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    noise = torch.randn(latents.shape, generator=generator)
+    u = compute_density_for_timestep_sampling("logit_normal", 4, logit_mean=0.0, logit_std=1.0,
+                                              generator=generator)
+    sigmas = u.view(-1, 1, 1, 1)
+    torch.testing.assert_close(batch.timesteps, u * 1000)
+    torch.testing.assert_close(batch.noisy, (1.0 - sigmas) * latents + sigmas * noise)
+    torch.testing.assert_close(batch.target, noise - latents)
+    expected = torch.mean(((prediction - (noise - latents)) ** 2).reshape(4, -1), 1).mean()
+    torch.testing.assert_close(objective.loss(prediction, batch), expected)
+
+
+def test_shifted_sampling_moves_timesteps_towards_noise():
+    plain = FlowMatchingObjective(sampling="logit_normal").sample_sigmas(4096, torch.Generator().manual_seed(1))
+    shifted = FlowMatchingObjective(sampling="shift", shift=3.0).sample_sigmas(4096, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(shifted, 3 * plain / (1 + 2 * plain))
+    assert shifted.mean() > plain.mean()
+
+
+def test_uniform_sampling_is_uniform():
+    sigmas = FlowMatchingObjective(sampling="uniform").sample_sigmas(20000, torch.Generator().manual_seed(2))
+    assert 0.0 <= sigmas.min() and sigmas.max() <= 1.0
+    assert abs(sigmas.mean().item() - 0.5) < 0.01

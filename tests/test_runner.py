@@ -1,0 +1,71 @@
+"""The background runner and its controls, on the built-in tiny SD1.5 model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from helpers import make_dataset, tiny_config
+
+from lora_gui.engine.runner import RunAlreadyActive, TrainingRunner
+
+
+def wait_for(predicate, timeout: float = 120.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.mark.slow
+def test_pause_sample_save_resume_and_stop(tmp_path):
+    dataset = make_dataset(tmp_path / "images")
+    config = tiny_config("sd15", dataset, tmp_path / "out", "train.max_steps=100000")
+    runner = TrainingRunner()
+    runner.start(config)
+    with pytest.raises(RunAlreadyActive):
+        runner.start(config)
+
+    wait_for(lambda: runner.snapshot().step >= 2)
+    runner.pause()
+    paused_at = wait_for(lambda: runner.snapshot().status.startswith("Paused") and runner.snapshot().step)
+    runner.sample_now()
+    runner.save_now()
+    snap = wait_for(lambda: (s := runner.snapshot()).samples and s.checkpoints and s)
+    assert snap.state == "paused" and snap.step == paused_at  # no training while paused
+    assert snap.samples[-1].step == paused_at
+    assert snap.checkpoints[-1].endswith(f"step-{paused_at:06d}")
+
+    runner.resume()
+    wait_for(lambda: runner.snapshot().step >= paused_at + 2)
+    runner.stop()
+    assert runner.wait(timeout=120)
+    final = runner.snapshot()
+    assert final.state == "stopped"
+    assert final.checkpoints[-1].endswith(f"step-{final.step:06d}")
+    assert [s for s, _, _ in final.losses] == list(range(1, final.step + 1))
+    assert any("Stopped" in line for line in final.log)
+
+    runner.start(tiny_config("sd15", dataset, tmp_path / "out2", "train.max_steps=2"))  # a new run may start
+    assert runner.wait(timeout=120)
+    assert runner.snapshot().state == "finished"
+
+
+def test_failed_run_reports_message_and_allows_a_new_start(tmp_path):
+    runner = TrainingRunner()
+    runner.start(tiny_config("sd15", tmp_path / "missing", tmp_path / "out"))
+    assert runner.wait(timeout=60)
+    snap = runner.snapshot()
+    assert snap.state == "failed"
+    assert "missing" in snap.error.message
+    assert any(line.startswith("Error:") for line in snap.log)
+
+
+def test_two_runners_do_not_share_state():
+    first, second = TrainingRunner(), TrainingRunner()
+    first.pause()
+    assert second.snapshot().state == "idle"
+    assert first._controls is not second._controls
