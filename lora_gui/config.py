@@ -83,8 +83,8 @@ class LoraSection(Section):
         "default", description="How LoRA weights start: default (B=0), gaussian, pissa or olora."
     )
     targets: str = Field(
-        "attn",
-        description="Layers to adapt. SD: attn, attn_ff, all_linear. Flux: mmdit, all, all+ffs, context, tiny, nano.",
+        "auto",
+        description="Layers to adapt: auto (the family's default), SD: attn, attn_ff, all_linear; Flux: mmdit, all, all+ffs, context, tiny, nano.",
     )
     train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder(s) (SD1.5 and SDXL).")
     text_encoder_lr: float | None = Field(

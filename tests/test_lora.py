@@ -38,9 +38,9 @@ CASES = {
     "sdxl": Case("sdxl", "builtin:tiny-sdxl", "StableDiffusionXLPipeline",
                  {"unet": SD_ALL_LINEAR, "text_encoder": CLIP_TARGETS,
                   "text_encoder_2": CLIP_TARGETS}, {}),
-    # diffusers reads kohya Flux files (lora_transformer_*) only for attention and CLIP layers.
     "flux": Case("flux", "builtin:tiny-flux", "FluxPipeline",
-                 {"transformer": FLUX_ATTN, "text_encoder": CLIP_TARGETS},
+                 {"transformer": FLUX_ATTN + ["ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out"],
+                  "text_encoder": CLIP_TARGETS},
                  {"max_sequence_length": 16, "guidance_scale": 3.5}),
 }
 
@@ -146,9 +146,10 @@ def test_kohya_key_names(tmp_path):
     flux_targets = {"transformer": ["ff.net.0.proj", "proj_mlp", "norm.linear", "x_embedder", "to_out.0"]}
     _, modules, kohya, _ = trained(CASES["flux"], tmp_path / "flux", lora, flux_targets)
     names = load_file(kohya)
-    for layer in L.lora_deltas(modules["transformer"], "default"):  # ComfyUI: lora_transformer_<path>
-        assert f"lora_transformer_{layer.replace('.', '_')}.lora_down.weight" in names
-    assert "lora_transformer_single_transformer_blocks_0_proj_mlp.alpha" in names
+    for layer in L.lora_deltas(modules["transformer"], "default"):  # ComfyUI, Forge, diffusers: transformer.<path>
+        assert f"transformer.{layer}.lora_A.weight" in names
+        assert f"transformer.{layer}.lora_B.weight" in names
+    assert names["transformer.single_transformer_blocks.0.proj_mlp.alpha"].item() == 2.0
 
 
 def test_sdxl_text_encoder_prefixes(tmp_path):

@@ -306,6 +306,13 @@ def kohya_prefix(module_key: str, pipeline_class: type) -> str:
 
 
 def kohya_state_dict(exported: Mapping[str, ExportedAdapter], pipeline_class: type) -> dict[str, torch.Tensor]:
+    """The single file for ComfyUI/A1111/Forge: kohya names for UNet models, alpha-carrying diffusers names for Flux.
+
+    diffusers reads ``lora_transformer_*`` Flux keys only for attention layers, while ComfyUI, Forge and
+    diffusers all read ``transformer.<module>.lora_A/lora_B`` with a ``.alpha`` beside them, at any model size.
+    """
+    if "transformer" in exported:
+        return _alpha_diffusers_state_dict(exported)
     import torch
 
     tensors: dict[str, torch.Tensor] = {}
@@ -321,6 +328,24 @@ def kohya_state_dict(exported: Mapping[str, ExportedAdapter], pipeline_class: ty
                 tensors[f"{kohya_name}.lora_up.weight"] = tensor.contiguous()
             else:
                 tensors[f"{kohya_name}.dora_scale"] = _output_axis_dora_scale(tensor)
+    return tensors
+
+
+def _alpha_diffusers_state_dict(exported: Mapping[str, ExportedAdapter]) -> dict[str, torch.Tensor]:
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+    for key, adapter in exported.items():
+        for name, tensor in adapter.state.items():
+            module_path, kind = _split_peft_key(name)
+            full_name = f"{key}.{adapter.text_model_prefix}{module_path}"
+            if kind == "lora_A":
+                tensors[f"{full_name}.lora_A.weight"] = tensor.contiguous()
+                tensors[f"{full_name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
+            elif kind == "lora_B":
+                tensors[f"{full_name}.lora_B.weight"] = tensor.contiguous()
+            else:
+                tensors[f"{full_name}.dora_scale"] = _output_axis_dora_scale(tensor)
     return tensors
 
 

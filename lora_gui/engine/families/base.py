@@ -52,6 +52,7 @@ class ModelFamily(ABC):
     text_encoder_keys: ClassVar[tuple[str, ...]]
     # Target presets: name -> module-name patterns given to peft's ``target_modules``.
     lora_target_presets: ClassVar[dict[str, list[str]]]
+    default_lora_targets: ClassVar[str]
     text_encoder_lora_targets: ClassVar[list[str]] = ["q_proj", "k_proj", "v_proj", "out_proj"]
     supports_text_encoder_lora: ClassVar[bool] = True
     default_resolution: ClassVar[int] = 512
@@ -103,6 +104,8 @@ class ModelFamily(ABC):
 
     def lora_targets(self, preset: str, denoiser: Any = None) -> list[str]:
         """peft ``target_modules`` for a preset; given the loaded ``denoiser`` a family may fit them to its size."""
+        if preset == "auto":
+            preset = self.default_lora_targets
         if preset not in self.lora_target_presets:
             known = ", ".join(self.lora_target_presets)
             raise ValueError(f"lora.targets: {preset!r} is not a target preset for {self.label}. Choose one of: {known}")

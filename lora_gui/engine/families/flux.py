@@ -54,6 +54,7 @@ class FluxFamily(ModelFamily):
     denoiser_key = "transformer"
     text_encoder_keys = ("text_encoder", "text_encoder_2")
     lora_target_presets = FLUX_TARGET_PRESETS
+    default_lora_targets = "all"
     supports_text_encoder_lora = False
     default_resolution = 1024
     size_multiple = 16  # VAE factor 8 times 2x2 patch packing

@@ -31,6 +31,7 @@ class SD15Family(ModelFamily):
     denoiser_key = "unet"
     text_encoder_keys = ("text_encoder",)
     lora_target_presets = SD_TARGET_PRESETS
+    default_lora_targets = "attn_ff"
     default_resolution = 512
     size_multiple = 8
     # Configs, VAE and text encoder used with a single-file checkpoint when model.components is empty.
