@@ -118,7 +118,8 @@ def run_train(args) -> int:
         restore()
     if result.status == "stopped":
         if result.checkpoint:
-            print(f"Stopped. Resume with: lora-gui train {args.config or ''} --resume {result.checkpoint}".replace("  ", " "))
+            print(f"Stopped. To continue, run the same command with --resume {result.checkpoint} "
+                  "(or --resume latest).", file=sys.stderr)
         return EXIT_STOPPED
     print(f"Done: {result.lora_path}")
     return EXIT_OK

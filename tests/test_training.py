@@ -41,7 +41,8 @@ def load_pipeline(family: str, base_folder):
     "family, base, extra",
     [
         ("sd15", "builtin:tiny-sd15", ["lora.train_text_encoder=true", "train.min_snr_gamma=5"]),
-        ("sdxl", "builtin:tiny-sdxl", ["lora.train_text_encoder=true", "train.prediction_type=v_prediction"]),
+        ("sdxl", "builtin:tiny-sdxl", ["lora.train_text_encoder=true", "train.prediction_type=v_prediction",
+                                        "train.gradient_checkpointing=true", "train.optimizer=adamw8bit"]),
         ("flux", "builtin:tiny-flux", ["lora.targets=all+ffs"]),
         ("flux", "builtin:tiny-flux-schnell", ["train.timestep_sampling=logit_normal"]),
     ],
@@ -161,3 +162,35 @@ def test_quantized_base_trains_and_lora_loads_unquantized(dataset, tmp_path):
     pipe = load_pipeline("sd15", ensure_builtin("builtin:tiny-sd15"))
     pipe.load_lora_weights(result.lora_path)
     assert render(pipe, "sd15").shape == (64, 64, 3)
+
+
+@pytest.mark.slow
+def test_corrupt_cache_gives_nan_loss_that_names_files_and_saves_nothing(dataset, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    output = tmp_path / "out"
+    first = train(tiny_config("sd15", dataset, output, "train.max_steps=1"))
+    for entry in (output / "cache" / "latents").rglob("*.safetensors"):
+        tensors = load_file(entry)
+        save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, entry)
+    events = []
+    with pytest.raises(TrainingError) as err:
+        train(tiny_config("sd15", dataset, output, "output.name=second"), events.append, resume_from=first.checkpoint)
+    assert "NaN" in str(err.value) and "img" in str(err.value)  # names the batch's files
+    assert "learning_rate" in err.value.hint
+    assert not (output / "second.safetensors").exists()
+    assert [p.name for p in (output / "checkpoints").iterdir()] == ["step-000001"]
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_are_written_when_asked(dataset, tmp_path):
+    train(tiny_config("flux", dataset, tmp_path / "out", "train.max_steps=2", "output.tensorboard=true"))
+    assert list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_out_of_memory_is_explained_with_what_to_lower():
+    from lora_gui.engine.errors import explain
+
+    explanation = explain(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert "out of memory" in explanation.message
+    assert "preset" in explanation.hint and "gradient_checkpointing" in explanation.hint
