@@ -39,7 +39,7 @@ install_torch() {
             "$PY" -m pip install "torch==$TORCH_VERSION"
     elif [ "$(uname -s)" = "Linux" ]; then
         say "No NVIDIA GPU found: installing the CPU build of PyTorch"
-        "$PY" -m pip install "torch==$TORCH_VERSION" --index-url "$CPU_INDEX"
+        "$PY" -m pip install --retries 1 "torch==$TORCH_VERSION" --index-url "$CPU_INDEX"
     else
         say "Installing PyTorch"
         "$PY" -m pip install "torch==$TORCH_VERSION"

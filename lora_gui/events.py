@@ -6,10 +6,13 @@ knows about the GUI, so the same engine serves the CLI, the GUI and scripts.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class Controls:
         self._sample = threading.Event()
         self._save = threading.Event()
         self._lock = threading.Lock()
+        self._jobs: queue.Queue[tuple[Callable[..., Any], Future]] = queue.Queue()
 
     # -- requests (any thread)
     def stop(self) -> None:
@@ -109,6 +113,39 @@ class Controls:
 
     def save_now(self) -> None:
         self._save.set()
+
+    def submit(self, job: Callable[..., Any]) -> Future:
+        """Run ``job(family, components)`` on the training thread, with the model in memory.
+
+        Jobs run at the next step boundary or while paused, so they never race the optimizer.
+        """
+        future: Future = Future()
+        self._jobs.put((job, future))
+        return future
+
+    def run_jobs(self, *context: Any) -> None:
+        """Training thread: run every submitted job with the given context."""
+        while True:
+            try:
+                job, future = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job(*context))
+            except BaseException as exc:  # the submitter gets the error, training goes on
+                future.set_exception(exc)
+
+    def cancel_jobs(self, reason: str) -> None:
+        """The run is ending: jobs nobody will run fail with ``reason``."""
+        while True:
+            try:
+                _, future = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError(reason))
 
     # -- queries (training thread)
     @property

@@ -69,3 +69,27 @@ def test_two_runners_do_not_share_state():
     first.pause()
     assert second.snapshot().state == "idle"
     assert first._controls is not second._controls
+
+
+@pytest.mark.slow
+def test_jobs_run_on_the_training_thread_with_the_model_in_memory(tmp_path):
+    import threading
+
+    dataset = make_dataset(tmp_path / "images")
+    runner = TrainingRunner()
+    runner.start(tiny_config("sd15", dataset, tmp_path / "out", "train.max_steps=100000"))
+    wait_for(lambda: runner.snapshot().step >= 1)
+    runner.pause()
+    wait_for(lambda: runner.snapshot().status.startswith("Paused"))
+    step = runner.snapshot().step
+    future = runner.submit(lambda family, components: (threading.current_thread().name, family.name,
+                                                       type(components.denoiser).__name__))
+    assert future.result(timeout=60) == ("lora-gui-training", "sd15", "UNet2DConditionModel")
+    failing = runner.submit(lambda family, components: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=60)
+    assert runner.snapshot().step == step and runner.snapshot().state == "paused"  # still paused, still alive
+    runner.stop()
+    assert runner.wait(timeout=120)
+    with pytest.raises(RuntimeError, match="No training run"):
+        runner.submit(lambda family, components: None)

@@ -94,6 +94,12 @@ class TrainingRunner:
     def save_now(self) -> None:
         self._controls.save_now()
 
+    def submit(self, job):
+        """Run ``job(family, components)`` on the training thread (at a step boundary or while paused)."""
+        if not self.is_active:
+            raise RuntimeError("No training run is active, so there is no model in memory to use.")
+        return self._controls.submit(job)
+
     def wait(self, timeout: float | None = None) -> bool:
         thread = self._thread
         if thread is not None:
@@ -140,7 +146,8 @@ def _apply(snap: RunSnapshot, event: Event) -> None:
         return
     if isinstance(event, Status):
         snap.status = event.text
-        _log(snap, event.text)
+        if event.total is None or event.current in (1, event.total):  # counters log their ends only
+            _log(snap, event.text)
     elif isinstance(event, SamplesReady):
         snap.samples.append(event)
     elif isinstance(event, CheckpointSaved):

@@ -65,6 +65,7 @@ def train(
         raise TrainingError(explanation.message, explanation.hint) from exc
     finally:
         run.close()
+        run.controls.cancel_jobs("The training run ended before this request could run.")
 
 
 class DataCursor:
@@ -300,6 +301,7 @@ class TrainingRun:
                 self.pause()
             if self.controls.stop_requested:
                 return self.stop()
+            self.controls.run_jobs(self.family, self.components)
             started = time.perf_counter()
             loss = self.optimizer_step()
             self.step += 1
@@ -373,6 +375,7 @@ class TrainingRun:
         self.status(f"Paused at step {self.step}")
 
         def while_paused() -> None:
+            self.controls.run_jobs(self.family, self.components)
             if self.controls.take_save_request():
                 self.save_checkpoint()
             if self.controls.take_sample_request():
