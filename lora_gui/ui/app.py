@@ -1,0 +1,90 @@
+"""The Gradio app: five tabs over one AppSession. ``main(argv)`` parses the launch options."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from pathlib import Path
+
+from lora_gui.ui.session import AppSession
+from lora_gui.ui.workspace import Workspace
+
+TITLE = "LoRA GUI"
+CSS = """
+.lg-status {font-family: ui-monospace, monospace; font-size: 0.9em}
+.lg-small {font-size: 0.85em; opacity: 0.8}
+"""
+
+
+def build_app(session: AppSession):
+    import gradio as gr
+
+    from lora_gui.ui.tabs import captions, config, dataset, test, train
+
+    with gr.Blocks(title=TITLE) as app:
+        gr.Markdown(f"# {TITLE}\nTrain LoRA adapters for Stable Diffusion 1.5, SDXL and Flux.1. "
+                    f"Workspace: `{session.workspace.root}`")
+        with gr.Tabs():
+            with gr.Tab("Dataset", id="dataset"):
+                dataset.build(session)
+            with gr.Tab("Captions", id="captions"):
+                captions.build(session)
+            with gr.Tab("Config", id="config"):
+                config.build(session)
+            with gr.Tab("Train", id="train"):
+                train.build(session)
+            with gr.Tab("Test", id="test"):
+                test.build(session)
+    return app
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lora-gui gui", description="Start the LoRA GUI web app.")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    parser.add_argument("--listen", action="store_true",
+                        help="accept connections from other machines (binds 0.0.0.0; default 127.0.0.1 only)")
+    parser.add_argument("--share", action="store_true",
+                        help="open a temporary public link (always password-protected)")
+    parser.add_argument("--auth", metavar="USER:PASS", help="require this user name and password")
+    parser.add_argument("--workspace", default="workspace",
+                        help="folder for datasets, outputs and caches (default ./workspace)")
+    parser.add_argument("--no-browser", action="store_true", help="do not open a browser window")
+    return parser.parse_args(argv)
+
+
+def resolve_auth(args: argparse.Namespace) -> tuple[str, str] | None:
+    """``--auth user:pass``; with ``--share`` and no ``--auth`` a password is generated."""
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit("error: --auth expects USER:PASS, for example --auth me:a-long-password")
+        return user, password
+    if args.share:
+        return "lora", secrets.token_urlsafe(12)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    auth = resolve_auth(args)
+    workspace = Workspace.create(Path(args.workspace))
+    session = AppSession(workspace=workspace)
+    app = build_app(session)
+    if args.share and not args.auth:
+        print(f"Share link protection: user '{auth[0]}', password '{auth[1]}'", flush=True)
+    import gradio as gr
+
+    app.queue(default_concurrency_limit=4)
+    app.launch(
+        server_name="0.0.0.0" if args.listen else "127.0.0.1",
+        server_port=args.port,
+        share=args.share,
+        auth=auth,
+        allowed_paths=workspace.allowed_paths(),
+        inbrowser=not args.no_browser,
+        theme=gr.themes.Soft(),
+        css=CSS,
+        footer_links=["settings"],
+    )
+    return 0

@@ -1,0 +1,48 @@
+"""What the app process owns: the workspace, the one training runner, and facts about the machine.
+
+One ``AppSession`` is created per app process and handed to every tab; nothing lives in module
+globals, so tests can build several apps side by side. Browser tabs come and go; the session stays.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from lora_gui.engine.runner import TrainingRunner
+from lora_gui.ui.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    total_gib: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.total_gib:.0f} GB)" if self.total_gib else self.name
+
+
+@dataclass
+class AppSession:
+    workspace: Workspace
+    runner: TrainingRunner = field(default_factory=TrainingRunner)
+    # Guards work that must not overlap (captioning, comparisons) across browser tabs.
+    busy_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @cached_property
+    def gpu(self) -> GpuInfo | None:
+        return detect_gpu()
+
+
+def detect_gpu() -> GpuInfo | None:
+    """The first CUDA GPU, or None. Imports torch, so call it lazily."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return GpuInfo(name=props.name, total_gib=props.total_memory / 1024**3)
