@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     commands.add_parser("presets", help="list the presets")
+
+    from lora_gui.cli_dataset import add_dataset_commands
+
+    add_dataset_commands(commands)
     return parser
 
 
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         None: run_gui, "gui": run_gui, "train": run_train, "sample": run_sample,
         "init-config": run_init_config, "presets": run_presets,
     }
+    if getattr(args, "func", None) is not None:
+        handlers[args.command] = args.func
     from lora_gui.config import ConfigError
 
     try:

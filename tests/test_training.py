@@ -194,3 +194,20 @@ def test_out_of_memory_is_explained_with_what_to_lower():
     explanation = explain(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "out of memory" in explanation.message
     assert "preset" in explanation.hint and "gradient_checkpointing" in explanation.hint
+
+
+@pytest.mark.slow
+def test_training_uses_exactly_the_files_the_doctor_passes(tmp_path):
+    from lora_gui.data.doctor import check_dataset
+
+    folder = make_dataset(tmp_path / "mixed")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (folder / "empty.jpg").write_bytes(b"")
+    report = check_dataset(folder, resolution=64)
+    usable = sorted(str(p) for p in report.usable_paths())
+    events = []
+    train(tiny_config("sd15", folder, tmp_path / "out", "train.max_steps=2"), events.append)
+    lines = [e.text for e in events if isinstance(e, Status)]
+    skipped = [line for line in lines if line.startswith("Skipped")]
+    assert len(skipped) == 2 and any("broken.png" in s for s in skipped) and any("empty.jpg" in s for s in skipped)
+    assert any(line.startswith(f"{len(usable)} images") for line in lines)

@@ -59,6 +59,13 @@ def make_buckets(resolution: int, step: int, max_ratio: float = MAX_ASPECT_RATIO
     return sorted(buckets)
 
 
+def training_buckets(resolution: int, step: int, size_multiple: int, bucketing: bool = True) -> list[Bucket]:
+    """The buckets training uses: aspect-ratio buckets, or one square crop when bucketing is off."""
+    if not bucketing:
+        return [square_bucket(resolution, max(1, size_multiple))]
+    return make_buckets(resolution, bucket_step(step, size_multiple))
+
+
 def square_bucket(resolution: int, step: int) -> Bucket:
     side = max(step, resolution // step * step)
     return side, side

@@ -27,13 +27,11 @@ from lora_gui.data import cache as caches
 from lora_gui.data.buckets import (
     Bucket,
     Placement,
-    bucket_step,
     fit_to_bucket,
-    make_buckets,
     nearest_bucket,
     place,
-    square_bucket,
     to_tensor,
+    training_buckets,
 )
 from lora_gui.data.captions import caption_rng, caption_variant
 from lora_gui.data.images import load_rgb
@@ -87,10 +85,8 @@ class TrainingData:
         self._text_cache: tuple[caches.TensorCache, str] | None = None
 
     def _make_buckets(self, size_multiple: int) -> list[Bucket]:
-        resolution = self.section.resolution
-        if not self.section.bucketing:
-            return [square_bucket(resolution, max(1, size_multiple))]
-        return make_buckets(resolution, bucket_step(self.section.bucket_step, size_multiple))
+        section = self.section
+        return training_buckets(section.resolution, section.bucket_step, size_multiple, section.bucketing)
 
     # ------------------------------------------------------------------ order
 

@@ -15,15 +15,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 89_478_485
 _ORIENTATION_TAG = 0x0112
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 or 270 degrees
-_HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
 class ImageLoadError(ValueError):
-    """An image file that cannot be used; ``reason`` is written for the person who owns it."""
+    """An image file that cannot be used; ``reason`` is written for the person who owns it.
 
-    def __init__(self, path: str | Path, reason: str):
+    ``code`` names the kind of failure for reports: ``empty_file``, ``not_an_image``,
+    ``decompression_bomb``, ``truncated`` or ``unreadable``.
+    """
+
+    def __init__(self, path: str | Path, reason: str, code: str = "unreadable"):
         self.path = Path(path)
         self.reason = reason
+        self.code = code
         super().__init__(f"{self.path}: {reason}")
 
 
@@ -32,18 +37,22 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     path = Path(path)
     try:
         if path.stat().st_size == 0:
-            raise ImageLoadError(path, "the file is empty (0 bytes); delete it or copy it again")
+            raise ImageLoadError(path, "the file is empty (0 bytes); delete it or copy it again", "empty_file")
         image = Image.open(path)
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(path, f"{exc}; downscale it or remove it") from None
+        raise ImageLoadError(
+            path, f"{str(exc).rstrip('.')}; downscale it or remove it", "decompression_bomb"
+        ) from None
     except UnidentifiedImageError:
         raise ImageLoadError(
-            path, "not an image Pillow can read (corrupt, or the extension is wrong)"
+            path,
+            "not an image Pillow can read (corrupt, or another kind of file); replace or delete it",
+            "not_an_image",
         ) from None
     except Exception as exc:
-        raise ImageLoadError(path, f"cannot be opened ({exc})") from None
+        raise ImageLoadError(path, f"cannot be opened ({exc}); check its permissions or copy it again") from None
     width, height = image.size
     if width * height > max_pixels:
         image.close()
@@ -51,6 +60,7 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
             path,
             f"{width} x {height} = {width * height:,} pixels is more than the limit of {max_pixels:,} "
             "(a guard against decompression bombs); downscale it or remove it",
+            "decompression_bomb",
         )
     return image
 
@@ -59,57 +69,62 @@ def probe_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, in
     """(width, height) after EXIF orientation; decodes the first frame so broken files fail now."""
     with open_image(path, max_pixels) as image:
         width, height = image.size
-        swapped = _orientation(image) in _SWAPS_SIDES
+        swapped = exif_orientation(image) in _SWAPS_SIDES
         if image.format == "JPEG":
             image.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # fast reduced decode
-        _decode(image, path)
+        decode_first_frame(image, path)
     return (height, width) if swapped else (width, height)
 
 
 def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """The first frame, upright (EXIF orientation applied), as 8-bit RGB with alpha over white."""
     with open_image(path, max_pixels) as image:
-        _decode(image, path)
+        decode_first_frame(image, path)
         try:
-            return to_rgb(_upright(image))
+            return to_rgb(upright(image))
         except Exception as exc:
             raise ImageLoadError(path, f"cannot be converted to RGB ({exc})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to RGB: 16-bit and float scaled to 8-bit, transparency composited on white."""
-    if image.mode in _HIGH_BIT_MODES:
+    if image.mode in HIGH_BIT_MODES:
         image = _high_bit_to_gray(image)
-    if _has_alpha(image):
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _decode(image: Image.Image, path: str | Path) -> None:
+def decode_first_frame(image: Image.Image, path: str | Path) -> None:
+    """Decode the first frame now, so a truncated or corrupt file fails here with a clear reason."""
     try:
         image.seek(0)  # animated files: the first frame
         image.load()
     except Exception as exc:
-        raise ImageLoadError(path, f"the file is truncated or corrupt ({exc})") from None
+        raise ImageLoadError(
+            path, f"the file is truncated or corrupt ({exc}); copy it again from the source", "truncated"
+        ) from None
 
 
-def _orientation(image: Image.Image) -> int:
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright, 2-8 = mirrored and/or rotated)."""
     try:
         return int(image.getexif().get(_ORIENTATION_TAG, 1))
     except Exception:  # unreadable EXIF: treat the image as upright
         return 1
 
 
-def _upright(image: Image.Image) -> Image.Image:
+def upright(image: Image.Image) -> Image.Image:
+    """A copy with the EXIF orientation applied (a plain copy when there is none)."""
     try:
         return ImageOps.exif_transpose(image)
     except Exception:
         return image.copy()  # the caller closes the original
 
 
-def _has_alpha(image: Image.Image) -> bool:
+def has_alpha(image: Image.Image) -> bool:
     bands = image.getbands()
     return "A" in bands or "a" in bands or "transparency" in image.info
 

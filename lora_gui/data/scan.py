@@ -148,15 +148,38 @@ def read_caption(path: str | Path) -> str:
     return decode_caption(data)
 
 
+@dataclass(frozen=True)
+class DecodedCaption:
+    """A caption file's text and how it was stored, so a report can say what was normalised."""
+
+    text: str  # newlines normalised to LF, NULs dropped, stripped
+    encoding: str  # "utf-8", "utf-8-bom", "utf-16-le", "utf-16-be" or "cp1252" (a guess: not valid UTF-8)
+    line_endings: str  # "lf" (or none), "crlf" or "cr"
+    replaced: int  # bytes that could not be decoded and became U+FFFD
+
+
 def decode_caption(data: bytes) -> str:
+    return decode_caption_details(data).text
+
+
+def decode_caption_details(data: bytes) -> DecodedCaption:
+    """Decode caption bytes: UTF-8 (with or without BOM), UTF-16 (with BOM), else cp1252."""
+    replaced = 0
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encoding = "utf-16-le" if data.startswith(b"\xff\xfe") else "utf-16-be"
         text = data.decode("utf-16", errors="replace")
+        replaced = text.count("\ufffd")
     else:
         try:
             text = data.decode("utf-8-sig")
+            encoding = "utf-8-bom" if data.startswith(b"\xef\xbb\xbf") else "utf-8"
         except UnicodeDecodeError:
             text = data.decode("cp1252", errors="replace")
-    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "").strip()
+            encoding = "cp1252"
+            replaced = text.count("\ufffd")
+    line_endings = "crlf" if "\r\n" in text else "cr" if "\r" in text else "lf"
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "").strip()
+    return DecodedCaption(text, encoding, line_endings, replaced)
 
 
 def normalize_extension(extension: str) -> str:

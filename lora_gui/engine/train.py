@@ -138,14 +138,19 @@ class TrainingRun:
 
     def prepare_data(self):
         from lora_gui.data.dataset import TrainingData
+        from lora_gui.data.doctor import training_records
 
         dataset = self.config.dataset
         if not dataset.dir:
             raise TrainingError("dataset.dir is empty.", "Set dataset.dir to a folder of images with .txt captions.")
-        self.status(f"Scanning {dataset.dir}")
+        self.status(f"Checking {dataset.dir}")
+        records = training_records(
+            dataset, size_multiple=self.family.size_multiple, log=self.status,
+            progress=self.progress_status("Checking dataset images"),
+        )
         data = TrainingData(
             dataset, size_multiple=self.family.size_multiple, batch_size=self.config.train.batch_size,
-            seed=self.config.train.seed, log=self.status,
+            seed=self.config.train.seed, log=self.status, records=records,
         )
         self.status(data.describe())
         return data
