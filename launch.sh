@@ -62,12 +62,25 @@ install_project() {
     echo "$fingerprint" > "$stamp"
 }
 
+ensure_browser() {
+    # The end-to-end tests drive the app in Debian's Chromium through Playwright.
+    if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then return 0; fi
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        say "Installing Chromium for the browser tests"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null ||
+            say "Could not install Chromium: the browser tests will be skipped"
+    else
+        say "Chromium is not installed: the browser tests will be skipped (install the 'chromium' package to run them)"
+    fi
+}
+
 create_venv
 PY="$VENV/bin/python"
 
 if [ "${1:-}" = "test" ]; then
     shift
     install_project test
+    ensure_browser
     exec "$PY" -m pytest "$@"
 fi
 
