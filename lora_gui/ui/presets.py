@@ -1,0 +1,245 @@
+"""Where a config comes from besides the form: VRAM presets, saved config files, the CLI command.
+
+Gradio-free: the Config tab calls these, tests call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from lora_gui.config import (
+    ConfigError,
+    TrainingConfig,
+    build_config,
+    list_presets,
+    preset_description,
+    read_config_file,
+    save_config,
+    validate_config,
+)
+from lora_gui.ui.forms import config_to_values
+from lora_gui.ui.workspace import Workspace, safe_folder_name
+
+# (label, preset suffix, GB): presets are named "<family>-<suffix>".
+TIERS: tuple[tuple[str, str, int], ...] = (
+    ("CPU demo", "cpu-demo", 0), ("8 GB", "8gb", 8), ("12 GB", "12gb", 12), ("16 GB", "16gb", 16),
+    ("24 GB", "24gb", 24), ("48+ GB", "48gb", 48),
+)
+TIER_LABELS = tuple(label for label, _, _ in TIERS)
+# Cards report a little less than their marketed size (a "24 GB" RTX 4090 shows 23.6 GiB, a "16 GB" T4 14.8).
+TIER_TOLERANCE = 1.10
+# What applying a preset never changes: the user's data, names, prompts and folders.
+KEEP_KEYS = ("dataset.dir", "dataset.trigger_word", "dataset.cache_dir", "model.cache_dir", "output.dir",
+             "output.name", "sample.prompts")
+CONFIG_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+MAX_CONFIG_BYTES = 1_000_000
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def detect_tier(gpu_total_gib: float | None) -> str:
+    """The largest tier that fits the GPU's memory; "CPU demo" without a GPU."""
+    if not gpu_total_gib:
+        return TIER_LABELS[0]
+    fitting = [label for label, _, gb in TIERS[1:] if gb <= gpu_total_gib * TIER_TOLERANCE]
+    return fitting[-1] if fitting else TIER_LABELS[0]
+
+
+def preset_name(family: Any, tier_label: Any) -> str:
+    suffixes = {label: suffix for label, suffix, _ in TIERS}
+    if tier_label not in suffixes:
+        raise ConfigError(f"Unknown VRAM tier {tier_label!r}; choose one of: {', '.join(TIER_LABELS)}.")
+    name = f"{family}-{suffixes[tier_label]}"
+    if name not in list_presets():
+        raise ConfigError(f"model.family: there is no preset {name!r}; choose sd15, sdxl or flux.")
+    return name
+
+
+def preset_summary(name: str) -> str:
+    info = preset_description(name)
+    return f"**{name}**: {info.get('summary', '')}"
+
+
+def apply_preset(values: dict[str, Any], name: str) -> dict[str, Any]:
+    """Form values for defaults + the preset, keeping the user's own fields (KEEP_KEYS) from ``values``."""
+    applied = config_to_values(build_config(preset=name).model_dump(mode="json"))
+    for key in KEEP_KEYS:
+        if key in values:
+            applied[key] = values[key]
+    return applied
+
+
+def preset_changes(values: dict[str, Any], name: str) -> list[list[str]]:
+    """[setting, current, preset value] for every form value the preset would change."""
+    applied = apply_preset(values, name)
+    return [[key, _show(values.get(key)), _show(value)] for key, value in applied.items()
+            if not _same(values.get(key), value)]
+
+
+def _same(a: Any, b: Any) -> bool:
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (a, b))
+    return float(a) == float(b) if numbers else _show(a) == _show(b)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return " | ".join(line for line in value.splitlines() if line.strip()) if "\n" in value else value
+    return "" if value is None else str(value)
+
+
+# ----------------------------------------------------------------------------- CLI command
+
+
+def cli_command(config: TrainingConfig, saved_path: Path | None = None) -> str:
+    """The command that trains the same config: from the saved file, else a preset plus --set options."""
+    if saved_path is not None:
+        return f"lora-gui train {shlex.quote(str(saved_path))}"
+    current = _flatten(config.model_dump(mode="json"))
+    candidates = [p for p in list_presets() if p.startswith(f"{config.model.family}-")]
+    best_preset, best_diff = None, _differences(current, _flatten(TrainingConfig().model_dump(mode="json")))
+    for preset in candidates:
+        diff = _differences(current, _flatten(build_config(preset=preset).model_dump(mode="json")))
+        if len(diff) < len(best_diff):
+            best_preset, best_diff = preset, diff
+    parts = ["lora-gui train"] + ([f"--preset {best_preset}"] if best_preset else [])
+    parts += [f"--set {shlex.quote(f'{key}={json.dumps(value)}')}" for key, value in best_diff.items()]
+    return " \\\n  ".join(parts)
+
+
+def _flatten(data: dict) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in data.items() for key, value in values.items()}
+
+
+def _differences(current: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in current.items() if base.get(key) != value}
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+def config_file_path(workspace: Workspace, name: Any) -> Path:
+    """<workspace>/configs/<safe name>.toml for a name typed by the user; refuses paths."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("Type a name for the config, for example my-lora.")
+    text = name.strip()
+    if any(sep in text for sep in ("/", "\\", "..")) or text.startswith(("~", ".")):
+        raise ConfigError(f"{text!r} is not a plain name: leave out / \\ .. ~ and leading dots. "
+                          "Configs are always saved in the workspace's configs/ folder.")
+    stem = text[:-5] if text.lower().endswith(".toml") else text
+    return workspace.configs / f"{safe_folder_name(stem, fallback='config')}.toml"
+
+
+def save_named_config(config: TrainingConfig, workspace: Workspace, name: Any, overwrite: bool) -> Path:
+    path = config_file_path(workspace, name)
+    if path.exists() and overwrite is not True:
+        raise ConfigError(f"configs/{path.name} already exists. Tick 'Overwrite' to replace it, "
+                          "or choose another name.")
+    return save_config(config, path)
+
+
+def list_saved_configs(workspace: Workspace) -> list[str]:
+    folder = workspace.configs
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in CONFIG_SUFFIXES)
+
+
+def saved_config_path(workspace: Workspace, name: Any) -> Path:
+    """The file behind a name from the saved-configs list; anything else is refused."""
+    if name not in list_saved_configs(workspace):
+        raise ConfigError(f"No saved config named {name!r} in configs/; pick one from the list.")
+    return workspace.configs / name
+
+
+def load_config(path: str | Path) -> TrainingConfig:
+    """A config file (the CLI's TOML, or YAML/JSON) layered over the defaults."""
+    path = Path(path)
+    if path.suffix.lower() not in CONFIG_SUFFIXES:
+        raise ConfigError(f"{path.name}: not a config file; use .toml, .yaml or .json.")
+    if not path.is_file():
+        raise ConfigError(f"{path.name} does not exist any more; upload or pick it again.")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path.name} is larger than {MAX_CONFIG_BYTES // 1000} kB; it is not a config file.")
+    data = read_config_file(path)
+    data.pop("preset", None)  # a preset file's descriptive table
+    return validate_config(data)
+
+
+def same_config_file(path: Path | None, config: TrainingConfig) -> bool:
+    """Whether ``path`` still holds exactly ``config`` (so the CLI command can name the file)."""
+    if path is None:
+        return False
+    try:
+        return load_config(path) == config
+    except (ConfigError, OSError):
+        return False
+
+
+# ----------------------------------------------------------------------------- panel texts (Markdown)
+
+
+def changes_table(rows: list[list[str]], name: str, applied: bool = False) -> str:
+    if not rows:
+        return f"Applied **{name}**: nothing changed." if applied else f"The form matches preset **{name}**."
+    title = f"**Applied {name}**, changed:" if applied else f"**Apply preset {name}** would change:"
+    head = "| Setting | Before | After |" if applied else "| Setting | Current | Preset |"
+    lines = [title, "", head, "|---|---|---|"]
+    lines += ["| " + " | ".join(_cell(text) for text in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(text: str, limit: int = 60) -> str:
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return (text or "(empty)").replace("|", "\\|").replace("`", "'")
+
+
+def estimate_text(est, config: TrainingConfig, gpu) -> str:
+    """The estimate panel; ``est`` is an ``engine.estimate.Estimate``, ``gpu`` a GpuInfo or None."""
+    if est.fits is None:
+        verdict = ""
+    else:
+        verdict = f" of {gpu.total_gib:.1f} GiB: " + ("fits ✅" if est.fits else "**does not fit** ❌")
+    parts = " · ".join(f"{k} {v:.1f}" for k, v in est.breakdown.items() if v >= 0.05)
+    lines = [
+        "### Estimate (not a measurement)",
+        f"Peak VRAM while training **≈ {est.peak_vram_gib:.1f} GiB**{verdict}  ",
+        f"<span class='lg-small'>{parts} GiB; validation images ≈ {est.sampling_gib:.1f} GiB</span>  ",
+        f"Time ≈ **{est.seconds_per_step:.2f} s/step**, ≈ **{_duration(est.total_minutes)}** for "
+        f"{config.train.max_steps} steps and the validation images.",
+    ]
+    lines += [f"- {note}" for note in est.notes]
+    lines.append("<span class='lg-small'>Computed from published model sizes and FLOP counts "
+                 "(lora_gui/engine/estimate.py); real runs can differ by 30% or more.</span>")
+    return "\n".join(lines)
+
+
+def _duration(minutes: float) -> str:
+    if minutes < 1:
+        return f"{minutes * 60:.0f} s"
+    if minutes < 120:
+        return f"{minutes:.0f} min"
+    return f"{minutes / 60:.1f} h"
+
+
+def problems_text(message: str) -> str:
+    """A ConfigError message as a Markdown list, each problem starting with its key."""
+    items = []
+    for line in (line.strip() for line in message.splitlines()):
+        if not line or line == "The configuration has problems:":
+            continue
+        key, sep, rest = line.removeprefix("- ").partition(": ")
+        items.append(f"- `{key}`: {rest}" if sep and " " not in key else f"- {line.removeprefix('- ')}")
+    return "**Validation:** ❌ fix these before training:\n" + "\n".join(items)
+
+
+def valid_text(config: TrainingConfig) -> str:
+    warnings = []
+    if not config.dataset.dir:
+        warnings.append("`dataset.dir` is empty: pick a folder in the Dataset tab before training.")
+    elif not Path(config.dataset.dir).is_dir():
+        warnings.append(f"`dataset.dir`: {config.dataset.dir} does not exist yet.")
+    return "**Validation:** ✅ Config is valid." + "".join(f"\n- ⚠️ {w}" for w in warnings)

@@ -1,0 +1,313 @@
+"""The Config tab: VRAM preset picker, live estimate, the schema-generated form, load/save, CLI command.
+
+Handlers take one dict {component: value} (the form's components passed as a set) and re-validate
+everything on the server; problems come back as messages naming the key, never as tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from lora_gui.config import FAMILIES, ConfigError, TrainingConfig, validate_config
+from lora_gui.ui import forms
+from lora_gui.ui import presets as P
+from lora_gui.ui.session import AppSession, GpuInfo
+from lora_gui.ui.workspace import OutsideWorkspace, Workspace, safe_folder_name
+
+log = logging.getLogger(__name__)
+INTRO = ("Pick the VRAM preset for your GPU and click **Apply preset**, then adjust the form. "
+         "Hover a field's label for what it does; rarely changed fields are under *Advanced*.")
+
+
+@dataclass
+class ConfigTab:
+    components: dict[str, gr.components.Component]  # "section.key" -> component, every schema field
+    workspace: Workspace
+
+    def inputs(self) -> set:
+        return set(self.components.values())
+
+    def form_values(self, values: dict) -> dict[str, Any]:
+        return {key: values[comp] for key, comp in self.components.items() if comp in values}
+
+    def to_config(self, values: dict) -> TrainingConfig:
+        """{component: value} as Gradio passes it -> a validated config with absolute paths."""
+        return form_to_config(self.form_values(values), self.workspace)
+
+
+def form_to_config(form: dict[str, Any], workspace: Workspace) -> TrainingConfig:
+    data = forms.absolute_paths(forms.values_to_data(form), workspace)
+    config = validate_config(data)
+    check_consistency(config)
+    return config
+
+
+def check_consistency(config: TrainingConfig) -> None:
+    """Cross-field checks the schema cannot make: builtin model vs family, target preset names."""
+    from lora_gui.engine.families.builtin import builtin_family, is_builtin
+
+    model = config.model
+    if is_builtin(model.base):
+        try:
+            family = builtin_family(model.base)
+        except ValueError as exc:
+            raise ConfigError(f"model.base: {exc}") from None
+        if family != model.family:
+            raise ConfigError(f"model.base: {model.base} is a {family} model but model.family is "
+                              f"{model.family}; pick a base model of the same family.")
+    targets = forms.target_choices(model.family)
+    if config.lora.targets not in targets:
+        raise ConfigError(f"lora.targets: {config.lora.targets!r} is not a target preset for {model.family}; "
+                          f"choose one of: {', '.join(targets)}.")
+
+
+def initial_values(tier: str) -> dict[str, Any]:
+    """The form a new session starts with: SD1.5 at the detected tier's preset, prompts included."""
+    return P.apply_preset({}, P.preset_name("sd15", tier))
+
+
+def panel_texts(form: dict[str, Any], tier: Any, saved: Any, workspace: Workspace,
+                gpu: GpuInfo | None) -> dict[str, str]:
+    """Everything shown around the form: preset preview, validation, estimate, CLI command."""
+    from lora_gui.engine.estimate import estimate
+
+    texts = {}
+    try:
+        name = P.preset_name(form.get("model.family"), tier)
+        texts["preset"] = P.preset_summary(name)
+        texts["changes"] = P.changes_table(P.preset_changes(form, name), name)
+    except ConfigError as exc:
+        texts["preset"], texts["changes"] = f"⚠️ {exc}", ""
+    try:
+        config = form_to_config(form, workspace)
+    except ConfigError as exc:
+        texts["validate"] = P.problems_text(str(exc))
+        texts["estimate"] = "**Estimate:** fix the problems listed under *Validation* first."
+        texts["cli"] = "# Fix the problems in the form first."
+        return texts
+    texts["validate"] = P.valid_text(config)
+    texts["estimate"] = P.estimate_text(
+        estimate(config, gpu.total_gib if gpu else None, gpu.name if gpu else None), config, gpu)
+    saved_path = Path(saved) if isinstance(saved, str) and P.same_config_file(Path(saved), config) else None
+    texts["cli"] = P.cli_command(config, saved_path)
+    return texts
+
+
+def guarded(status: gr.components.Component):
+    """Turn any exception of a handler into a message in ``status`` (never a raw traceback)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def handler(*args):
+            try:
+                return fn(*args)
+            except (ConfigError, OutsideWorkspace) as exc:
+                return {status: f"❌ {exc}"}
+            except Exception as exc:
+                log.exception("Config tab handler %s failed", fn.__name__)
+                return {status: f"❌ Unexpected error ({type(exc).__name__}: {exc}). The details are in "
+                                "the terminal that runs the app; please report them."}
+        return handler
+    return wrap
+
+
+@dataclass
+class Widgets:
+    """The tab's components besides the form fields."""
+    tier: gr.Radio
+    apply: gr.Button
+    preset: gr.Markdown
+    changes: gr.Markdown
+    applied: gr.Markdown
+    estimate: gr.Markdown
+    validate: gr.Markdown
+    upload: gr.File
+    saved: gr.Dropdown
+    load: gr.Button
+    refresh_list: gr.Button
+    save_name: gr.Textbox
+    overwrite: gr.Checkbox
+    save: gr.Button
+    file_status: gr.Markdown
+    cli: gr.Code
+    saved_path: gr.State  # the last saved file, for the CLI command
+    auto_dir: gr.State  # output.dir while it still follows output.name
+
+    def panels(self) -> dict[str, gr.components.Component]:
+        return {"preset": self.preset, "changes": self.changes, "validate": self.validate,
+                "estimate": self.estimate, "cli": self.cli}
+
+
+def build(session: AppSession, dataset_folder: gr.Textbox | None = None) -> ConfigTab:
+    workspace, gpu = session.workspace, session.gpu
+    tier = P.detect_tier(gpu.total_gib if gpu else None)
+    initial = initial_values(tier)
+    if dataset_folder is not None and isinstance(dataset_folder.value, str):
+        initial["dataset.dir"] = show_folder(dataset_folder.value, workspace)
+    tab, widgets = layout(workspace, gpu, tier, initial)
+    Handlers(tab, widgets, gpu).wire(dataset_folder)
+    return tab
+
+
+def layout(workspace: Workspace, gpu: GpuInfo | None, tier: str, initial: dict[str, Any]):
+    first = panel_texts(initial, tier, None, workspace, gpu)
+    family = initial["model.family"]
+    gr.Markdown(INTRO)
+    with gr.Row(equal_height=True):
+        gr.Markdown(f"**Detected GPU:** {gpu.label if gpu else 'none (CPU only)'}")
+        tier_radio = gr.Radio(list(P.TIER_LABELS), value=tier, label="VRAM preset",
+                              info="For the model family chosen under Model. Preselected from the detected GPU.")
+        apply_btn = gr.Button("Apply preset", variant="primary", scale=0)
+    preset_md = gr.Markdown(first["preset"])
+    with gr.Row():
+        changes_md = gr.Markdown(first["changes"])
+        applied_md = gr.Markdown("")
+    estimate_md = gr.Markdown(first["estimate"])
+    components = forms.build_form(initial, forms.base_choices(family, workspace),
+                                  list(forms.target_choices(family)))
+    validate_md = gr.Markdown(first["validate"])
+    with gr.Accordion("Load and save config files", open=True):
+        with gr.Row():
+            upload = gr.File(label="Load a config file (.toml, .yaml, .json)", type="filepath",
+                             file_types=list(P.CONFIG_SUFFIXES), file_count="single")
+            with gr.Column():
+                # Custom values allowed so a list older than this session's files still works;
+                # the handler accepts only names that are in configs/ now.
+                saved_dd = gr.Dropdown(P.list_saved_configs(workspace), value=None, label="Saved configs",
+                                       info=f"Files in {workspace.configs}", allow_custom_value=True)
+                with gr.Row():
+                    load_btn = gr.Button("Load selected")
+                    refresh_btn = gr.Button("Refresh list")
+        with gr.Row():
+            save_name = gr.Textbox(label="Save as", placeholder="my-lora", info="Saved to configs/<name>.toml")
+            overwrite = gr.Checkbox(label="Overwrite", value=False, info="Replace a config of the same name")
+            save_btn = gr.Button("Save config", variant="primary", scale=0)
+        file_md = gr.Markdown("")
+    cli_code = gr.Code(first["cli"], language="shell", label="Equivalent CLI command", interactive=False,
+                       buttons=["copy"])
+    widgets = Widgets(tier_radio, apply_btn, preset_md, changes_md, applied_md, estimate_md, validate_md, upload,
+                      saved_dd, load_btn, refresh_btn, save_name, overwrite, save_btn, file_md, cli_code,
+                      gr.State(None), gr.State(initial["output.dir"]))
+    return ConfigTab(components, workspace), widgets
+
+
+class Handlers:
+    """Event handlers: each takes {component: value}, re-validates, and answers with messages."""
+
+    def __init__(self, tab: ConfigTab, widgets: Widgets, gpu: GpuInfo | None) -> None:
+        self.tab, self.w, self.gpu = tab, widgets, gpu
+        self.workspace = tab.workspace
+        self.c = tab.components
+        w = widgets
+        self.refresh = guarded(w.validate)(self.refresh)
+        self.apply = guarded(w.applied)(self.apply)
+        self.change_family = guarded(w.validate)(self.change_family)
+        self.load_upload = guarded(w.file_status)(self.load_upload)
+        self.load_saved = guarded(w.file_status)(self.load_saved)
+        self.save = guarded(w.file_status)(self.save)
+
+    def refresh(self, values: dict):
+        texts = panel_texts(self.tab.form_values(values), values.get(self.w.tier), values.get(self.w.saved_path),
+                            self.workspace, self.gpu)
+        panels = self.w.panels()
+        return {panels[name]: text for name, text in texts.items()}
+
+    def fill(self, form: dict[str, Any]) -> dict:
+        """Updates that put ``form`` into the components, with the family's model and target choices."""
+        family = form.get("model.family") if form.get("model.family") in FAMILIES else "sd15"
+        updates = {self.c[key]: value for key, value in form.items()}
+        base_options = forms.base_choices(family, self.workspace)
+        target_options = list(forms.target_choices(family))
+        for key, options in (("model.base", base_options), ("lora.targets", target_options)):
+            updates[self.c[key]] = gr.update(value=form[key], choices=forms.with_value(options, form[key]))
+        return updates
+
+    def apply(self, values: dict):
+        form = self.tab.form_values(values)
+        name = P.preset_name(form.get("model.family"), values.get(self.w.tier))
+        rows = P.preset_changes(form, name)
+        return {**self.fill(P.apply_preset(form, name)), self.w.applied: P.changes_table(rows, name, applied=True)}
+
+    def change_family(self, values: dict):
+        form = self.tab.form_values(values)
+        family = form.get("model.family")
+        if family not in FAMILIES:
+            raise ConfigError(f"model.family: choose one of {', '.join(FAMILIES)}.")
+        if base_belongs_elsewhere(form.get("model.base"), family):
+            form["model.base"] = forms.default_base(family, self.gpu is not None)
+        if form.get("lora.targets") not in forms.target_choices(family):
+            form["lora.targets"] = "auto"
+        return self.fill(form)
+
+    def follow_name(self, name: Any, out_dir: Any, auto: Any):
+        if not isinstance(name, str) or out_dir not in ("", auto):
+            return {}
+        new_dir = f"outputs/{safe_folder_name(name, 'my-lora')}"
+        return {self.c["output.dir"]: new_dir, self.w.auto_dir: new_dir}
+
+    def load_path(self, path: Path, label: str) -> dict:
+        config = P.load_config(path)
+        shown = forms.relative_paths(forms.config_to_values(config.model_dump(mode="json")), self.workspace)
+        outside = [k for k in forms.PATH_KEYS if isinstance(shown.get(k), str) and Path(shown[k]).is_absolute()]
+        note = f" ⚠️ Outside the workspace, fix before training: {', '.join(outside)}." if outside else ""
+        return {**self.fill(shown), self.w.file_status: f"✅ Loaded {label}.{note}"}
+
+    def load_upload(self, path: Any):
+        return self.load_path(Path(path), Path(path).name) if isinstance(path, str) and path else {}
+
+    def load_saved(self, name: Any):
+        return self.load_path(P.saved_config_path(self.workspace, name), f"configs/{name}")
+
+    def save(self, values: dict):
+        try:
+            config = self.tab.to_config(values)
+        except ConfigError as exc:
+            return {self.w.file_status: f"❌ Not saved. {exc}"}
+        path = P.save_named_config(config, self.workspace, values.get(self.w.save_name), values.get(self.w.overwrite))
+        return {self.w.file_status: f"✅ Saved configs/{path.name}. Train it from a terminal with the command below.",
+                self.w.saved_path: str(path),
+                self.w.saved: gr.update(choices=P.list_saved_configs(self.workspace), value=path.name)}
+
+    def wire(self, dataset_folder: gr.Textbox | None) -> None:
+        w, c, form = self.w, self.c, self.tab.inputs()
+        panel_inputs, panels = form | {w.tier, w.saved_path}, list(w.panels().values())
+        then = dict(fn=self.refresh, inputs=panel_inputs, outputs=panels, show_progress="hidden",
+                    api_visibility="undocumented")
+        chained = {c["model.family"], c["output.name"]}
+        gr.on([x.input for x in form if x not in chained] + [w.tier.change], self.refresh, panel_inputs, panels,
+              trigger_mode="always_last", show_progress="hidden", api_name="config_refresh")
+        filled = list(c.values())
+        w.apply.click(self.apply, form | {w.tier}, filled + [w.applied], api_name="config_apply_preset").then(**then)
+        c["model.family"].input(self.change_family, form, filled + [w.validate]).then(**then)
+        c["output.name"].input(self.follow_name, [c["output.name"], c["output.dir"], w.auto_dir],
+                               [c["output.dir"], w.auto_dir]).then(**then)
+        w.upload.upload(self.load_upload, w.upload, filled + [w.file_status]).then(**then)
+        w.load.click(self.load_saved, w.saved, filled + [w.file_status], api_name="config_load_saved").then(**then)
+        w.refresh_list.click(lambda: gr.update(choices=P.list_saved_configs(self.workspace)), None, w.saved)
+        w.save.click(self.save, form | {w.save_name, w.overwrite}, [w.file_status, w.saved_path, w.saved],
+                     api_name="config_save").then(**then)
+        if dataset_folder is not None:
+            dataset_folder.change(lambda folder: show_folder(folder, self.workspace), dataset_folder,
+                                  c["dataset.dir"]).then(**then)
+
+
+def base_belongs_elsewhere(base: Any, family: str) -> bool:
+    """A builtin or well-known hub model of another family (custom ids and local files are kept)."""
+    if not isinstance(base, str) or not base:
+        return True
+    if base.startswith("builtin:"):
+        return not base.startswith(f"builtin:tiny-{family}")
+    return any(base in ids for fam, ids in forms.HUB_MODELS.items() if fam != family)
+
+
+def show_folder(folder: Any, workspace: Workspace) -> Any:
+    """The Dataset tab's folder as the form shows it (workspace-relative when inside)."""
+    if not isinstance(folder, str):
+        return gr.update()
+    path = Path(folder.strip())
+    return workspace.relative(path) if path.is_absolute() else folder.strip()
