@@ -44,9 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", help="list the presets")
 
+    from lora_gui.cli_caption import add_caption_command
     from lora_gui.cli_dataset import add_dataset_commands
 
     add_dataset_commands(commands)
+    add_caption_command(commands)
     return parser
 
 

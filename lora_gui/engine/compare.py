@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +40,18 @@ def render_comparison(
     scales: Sequence[float],
     settings: SampleSettings,
     progress: Callable[[int, int], None] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> list[ComparisonCell]:
-    """Every LoRA (None: the base model) at every scale, same prompt and seed; adapters removed afterwards."""
+    """Every LoRA (None: the base model) at every scale, same prompt and seed; adapters removed afterwards.
+
+    ``labels`` name the rows (default: the file names). Adapters already in the model (a paused run's
+    training adapter) are switched off for the base-model row and inactive for the LoRA rows.
+    """
     import torch
 
+    labels = list(labels) if labels is not None else _row_labels(loras)
+    if len(set(labels)) != len(labels) or len(labels) != len(loras):
+        raise ValueError("Each LoRA in a comparison needs its own row label; pick each file once.")
     prompt = settings.prompts[0]
     total, done, cells = len(loras) * len(scales), 0, []
     pipeline.set_progress_bar_config(disable=True)
@@ -64,9 +73,9 @@ def render_comparison(
                 )
                 if settings.negative_prompt and family.name != "flux":
                     kwargs["negative_prompt"] = settings.negative_prompt
-                with torch.no_grad():
+                with torch.no_grad(), _adapters_off(components, lora is None):
                     image = pipeline(**kwargs).images[0]
-                cells.append(ComparisonCell(row=_row_label(lora), scale=float(scale), image=image))
+                cells.append(ComparisonCell(row=labels[index], scale=float(scale), image=image))
                 done += 1
                 if progress:
                     progress(done, total)
@@ -76,8 +85,86 @@ def render_comparison(
     return cells
 
 
-def _row_label(lora: str | None) -> str:
-    return NO_LORA if lora is None else Path(lora).name
+def render_on_training_model(
+    family,
+    components,
+    loras: Sequence[str | None],
+    scales: Sequence[float],
+    settings: SampleSettings,
+    progress: Callable[[int, int], None] | None = None,
+    labels: Sequence[str] | None = None,
+) -> list[ComparisonCell]:
+    """``render_comparison`` with a paused run's model (call it on the training thread).
+
+    Loading and switching LoRA files changes which adapters are active and trainable; afterwards the
+    training adapter is active and trainable again, exactly as before, and its weights are untouched.
+    The global random state is left as it was, so training continues as if nothing happened.
+    """
+    import torch
+
+    from lora_gui.engine.sampling import ModelsOnDevice
+
+    modules = [components.denoiser, *components.text_encoders]
+    saved = _AdapterSetup(modules)
+    device = components.device or torch.device("cpu")
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    try:
+        for module in modules:
+            module.eval()
+        pipeline = family.build_pipeline(components)
+        with torch.random.fork_rng(devices=cuda), ModelsOnDevice(components, device):
+            return render_comparison(family, components, pipeline, loras, scales, settings, progress, labels)
+    finally:
+        saved.restore()
+
+
+class _AdapterSetup:
+    """The active adapters, on/off switches, requires_grad flags and train/eval modes of some modules."""
+
+    def __init__(self, modules) -> None:
+        self.layers = [(layer, list(layer.active_adapters), layer.disable_adapters) for layer in _tuner_layers(modules)]
+        self.grads = [(param, param.requires_grad) for module in modules for param in module.parameters()]
+        self.modes = [(sub, sub.training) for module in modules for sub in module.modules()]
+
+    def restore(self) -> None:
+        for layer, active, disabled in self.layers:
+            layer.set_adapter(active)
+            layer.enable_adapters(not disabled)
+        for param, requires_grad in self.grads:
+            param.requires_grad_(requires_grad)
+        for module, training in self.modes:
+            module.training = training
+
+
+def _tuner_layers(modules) -> list:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [layer for module in modules for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+
+
+@contextmanager
+def _adapters_off(components, switch_off: bool):
+    """Switch the adapters already in the model off (for the base-model row), and back on afterwards."""
+    layers = [] if not switch_off else [
+        layer for layer in _tuner_layers([components.denoiser, *components.text_encoders])
+        if not layer.disable_adapters
+    ]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def _row_labels(loras: Sequence[str | None]) -> list[str]:
+    names = [NO_LORA if lora is None else Path(lora).name for lora in loras]
+    if len(set(names)) == len(names):
+        return names
+    return [NO_LORA if lora is None else str(Path(lora)) for lora in loras]
 
 
 def _check_lora_file(path: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lora_gui.captioning import unload_all_captioners
 from lora_gui.config import TrainingConfig, save_config
 from lora_gui.engine import checkpoint as ckpt
 from lora_gui.engine import lora as lora_files
@@ -104,6 +105,7 @@ class TrainingRun:
         progress = self.load_resume_progress(resume_from)
         self.data = self.prepare_data()
         self.placement = resolve_placement(self.config)
+        unload_all_captioners()  # a captioning model must not hold accelerator memory while training
         self.status(f"Loading {self.config.model.base} on {self.placement.describe()}")
         self.components = self.family.load(
             self.config.model, self.placement.device, self.placement.weight_dtype, self.emit

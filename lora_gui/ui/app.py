@@ -14,6 +14,7 @@ TITLE = "LoRA GUI"
 CSS = """
 .lg-status {font-family: ui-monospace, monospace; font-size: 0.9em}
 .lg-small {font-size: 0.85em; opacity: 0.8}
+.lg-error {border-left: 4px solid #d9534f; padding-left: 0.6em}
 """
 
 
@@ -27,15 +28,15 @@ def build_app(session: AppSession):
                     f"Workspace: `{session.workspace.root}`")
         with gr.Tabs():
             with gr.Tab("Dataset", id="dataset"):
-                dataset.build(session)
+                dataset_tab = dataset.build(session)
             with gr.Tab("Captions", id="captions"):
-                captions.build(session)
+                captions.build(session, dataset_tab)
             with gr.Tab("Config", id="config"):
-                config.build(session)
+                config_tab = config.build(session, dataset_tab.folder)
             with gr.Tab("Train", id="train"):
-                train.build(session)
+                train.build(session, config_tab)
             with gr.Tab("Test", id="test"):
-                test.build(session)
+                test.build(session, config_tab)
     return app
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from lora_gui.engine.runner import TrainingRunner
 from lora_gui.ui.workspace import Workspace
@@ -30,6 +31,10 @@ class AppSession:
     runner: TrainingRunner = field(default_factory=TrainingRunner)
     # Guards work that must not overlap (captioning, comparisons) across browser tabs.
     busy_lock: threading.Lock = field(default_factory=threading.Lock)
+    # The Test tab's base model for finished runs (freed when a run starts); see ui/comparison.py.
+    comparison_cache: Any = None
+    # The config of the last Start/Resume, used to name the next preset down after an out-of-memory error.
+    train_started_config: Any = None
 
     @cached_property
     def gpu(self) -> GpuInfo | None:

@@ -1,0 +1,181 @@
+"""The Dataset tab: choose a folder, see every image with its caption, check it with the dataset doctor.
+
+Folders are confined to the workspace's datasets (and outputs) folders. The handlers are small
+wrappers around ``lora_gui.ui.dataset_view``, which re-checks every value on the server; problems
+come back as messages in the tab, never as tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from lora_gui.data.doctor import check_dataset
+from lora_gui.ui import dataset_view as V
+from lora_gui.ui.dataset_view import DatasetViewError
+from lora_gui.ui.session import AppSession
+
+log = logging.getLogger(__name__)
+INTRO = ("Pick a dataset folder (or create the built-in sample with one click), look through the images and "
+         "captions, then click **Check dataset** to see what the trainer will make of every file.")
+NOT_CHECKED = "Click **Check dataset** to see the report: problems per file, buckets and trigger coverage."
+BUCKET_COLUMNS = ["bucket", "images"]
+
+
+@dataclass
+class DatasetTab:
+    folder: gr.Textbox  # the chosen dataset folder, workspace-relative (e.g. "datasets/sample")
+    trigger: gr.Textbox  # the trigger word typed on this tab
+
+
+def build(session: AppSession) -> DatasetTab:
+    workspace = session.workspace
+    thumbnails = V.ThumbnailCache()
+    gr.Markdown(INTRO)
+    with gr.Row(equal_height=True):
+        folder = gr.Textbox(label="Dataset folder", placeholder="datasets/sample", scale=4,
+                            info="Relative to the workspace; press Enter to show it")
+        existing = gr.Dropdown(workspace.list_datasets(), value=None, label="Existing datasets", scale=3)
+        refresh = gr.Button("Refresh list", scale=1)
+        sample = gr.Button("Create sample dataset", scale=1)
+    with gr.Accordion("Browse the datasets folder", open=False):
+        explorer = gr.FileExplorer(
+            glob="**/*", ignore_glob=glob.escape(str(workspace.datasets)) + "*/.*", file_count="single",
+            root_dir=workspace.datasets, max_height=320,
+            label="Open a folder and tick '.' to choose it (or tick any file in it). New folders show after a reload.",
+        )
+    with gr.Accordion("Upload images into a new dataset", open=False):
+        with gr.Row():
+            new_name = gr.Textbox(label="New dataset name", placeholder="my-style", scale=1)
+            uploads = gr.File(file_count="multiple", file_types=sorted(V.UPLOAD_EXTENSIONS), scale=3,
+                              label="Images and same-name .txt captions")
+        upload = gr.Button("Copy into datasets/<name>")
+    message = gr.Markdown()
+    gallery = gr.Gallery(label="Images and captions", columns=6, height=520, object_fit="contain",
+                         format="jpeg", interactive=False)
+    with gr.Row(equal_height=True):
+        trigger = gr.Textbox(label="Trigger word", placeholder="sks", scale=2,
+                             info="The word every caption should contain; its coverage is reported")
+        resolution = gr.Number(512, label="Resolution", precision=0, minimum=V.MIN_RESOLUTION,
+                               maximum=V.MAX_RESOLUTION, scale=1, info="As on the Config tab (buckets, upscaling)")
+        check = gr.Button("Check dataset", variant="primary", scale=1)
+    with gr.Row():
+        summary = gr.Markdown(NOT_CHECKED)
+        histogram = gr.BarPlot(pd.DataFrame(columns=BUCKET_COLUMNS), x="bucket", y="images", height=260,
+                               title="Images per bucket", x_title="bucket (width x height)", y_title="images")
+    table = gr.Dataframe(pd.DataFrame(columns=V.TABLE_HEADERS), label="Report: every file with its problems",
+                         interactive=False, wrap=True, max_height=600, show_search="search",
+                         column_widths=["20%", "10%", "9%", "9%", "52%"])
+    shown = gr.State(None)  # the folder the gallery shows
+
+    def show(path: Path, progress=None) -> dict:
+        items, note = V.gallery_items(path, thumbnails, progress=_reporter(progress, "Loaded"))
+        relative = workspace.relative(path)
+        return {gallery: items, message: f"`{V.md_escape(relative)}`: {note}", shown: relative,
+                summary: NOT_CHECKED, histogram: pd.DataFrame(columns=BUCKET_COLUMNS),
+                table: pd.DataFrame(columns=V.TABLE_HEADERS)}
+
+    def checked(path: Path, word, size, progress=None) -> dict:
+        word, size = V.check_inputs(word, size)
+        report = check_dataset(path, trigger=word, resolution=size, progress=_reporter(progress, "Checked"))
+        items, note = V.gallery_items(path, thumbnails, report, _reporter(progress, "Loaded"))
+        buckets = pd.DataFrame(V.bucket_rows(report), columns=BUCKET_COLUMNS)
+        relative = workspace.relative(path)
+        return {summary: V.summary_markdown(report), table: pd.DataFrame(V.report_rows(report), columns=V.TABLE_HEADERS),
+                histogram: gr.update(value=buckets, sort=list(buckets["bucket"]) or None), gallery: items,
+                message: f"Checked `{V.md_escape(relative)}`: {note}", shown: relative}
+
+    def on_typed(text, last, progress=gr.Progress()):  # noqa: B008 (gradio finds the tracker by its default)
+        path = V.resolve_dataset(workspace, text)
+        return {shown: last} if workspace.relative(path) == last else show(path, progress)  # unchanged: no work
+
+    def on_pick(choice, progress=gr.Progress()):  # noqa: B008
+        path = V.resolve_dataset(workspace, choice)
+        return {folder: workspace.relative(path), **show(path, progress)}
+
+    def on_browse(selection, progress=gr.Progress()):  # noqa: B008
+        path = V.folder_from_selection(workspace, selection)
+        return {folder: workspace.relative(path), existing: _choices(workspace), **show(path, progress)}
+
+    def on_sample(word, size, progress=gr.Progress()):  # noqa: B008
+        V.check_inputs(word, size)
+        path, word, note = V.create_sample(workspace, word)
+        outputs = checked(path, word, size, progress)
+        return {**outputs, folder: workspace.relative(path), trigger: word, existing: _choices(workspace, path),
+                message: f"{note} {outputs[message]}"}
+
+    def on_upload(name, files, word, size, progress=gr.Progress()):  # noqa: B008
+        V.check_inputs(word, size)
+        result = V.save_uploads(workspace, name, files, source_root=_upload_root())
+        if not result.saved:
+            return {message: f"⚠️ {result.message(workspace)}"}
+        outputs = checked(result.folder, word, size, progress)
+        return {**outputs, folder: workspace.relative(result.folder), uploads: None,
+                existing: _choices(workspace, result.folder), message: result.message(workspace)}
+
+    def on_check(text, word, size, progress=gr.Progress()):  # noqa: B008
+        return checked(V.resolve_dataset(workspace, text), word, size, progress)
+
+    everything = [folder, trigger, existing, uploads, message, gallery, summary, histogram, table, shown]
+    guard = _guarded(message)
+    gr.on([folder.submit, folder.blur], guard(on_typed), [folder, shown], everything, api_name="dataset_show",
+          trigger_mode="always_last")
+    existing.input(guard(on_pick), existing, everything, api_name="dataset_pick")
+    explorer.input(guard(on_browse), explorer, everything, api_name="dataset_browse")
+    refresh.click(lambda: _choices(workspace), None, existing, api_name="dataset_refresh")
+    writes = dict(concurrency_id="dataset_write", concurrency_limit=1)
+    sample.click(guard(on_sample), [trigger, resolution], everything, api_name="dataset_create_sample", **writes)
+    upload.click(guard(on_upload), [new_name, uploads, trigger, resolution], everything, api_name="dataset_upload",
+                 **writes)
+    check.click(guard(on_check), [folder, trigger, resolution], everything, api_name="dataset_check",
+                concurrency_limit=2)
+    return DatasetTab(folder=folder, trigger=trigger)
+
+
+def _choices(workspace, selected: Path | None = None):
+    if selected is None:
+        return gr.update(choices=workspace.list_datasets())
+    return gr.update(choices=workspace.list_datasets(), value=workspace.relative(selected))
+
+
+def _upload_root() -> Path:
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder())
+
+
+def _reporter(progress, verb: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+
+    def report(done: int, total: int) -> None:
+        progress(done / total if total else 1.0, desc=f"{verb} {done} of {total} images")
+
+    return report
+
+
+def _guarded(message: gr.Markdown):
+    """Handlers' problems become a message in the tab; nothing else changes."""
+
+    def wrap(handler):
+        @functools.wraps(handler)  # keeps the signature: gradio finds gr.Progress through it
+        def guarded(*args, **kwargs):
+            try:
+                return handler(*args, **kwargs)
+            except DatasetViewError as exc:
+                return {message: f"⚠️ {exc}"}
+            except Exception as exc:  # a bug must not show a traceback: say what happened, keep the app alive
+                log.exception("Dataset tab handler failed")
+                return {message: f"⚠️ That failed ({type(exc).__name__}: {exc}). Check the folder and its "
+                                 "files, then try again."}
+
+        return guarded
+
+    return wrap

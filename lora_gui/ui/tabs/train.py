@@ -1,0 +1,306 @@
+"""The Train tab: start, pause, continue, stop, sample now, save now, resume from a checkpoint.
+
+The run belongs to the app process (``session.runner``), not to a browser tab: a ``gr.Timer`` polls
+``runner.snapshot()`` and re-sends only the panels that changed, so a reload or a second tab
+re-attaches to the live run. The training thread never touches a component.
+
+The handlers below are plain functions (session, config tab, values) -> message, so tests call them
+directly. Start and Resume set ``session.train_started_config`` (the run's TrainingConfig), which
+the error panel reads to name the next VRAM preset down after an out-of-memory error.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from lora_gui.config import ConfigError, TrainingConfig
+from lora_gui.engine.checkpoint import checkpoint_step, checkpoints_dir, list_checkpoints
+from lora_gui.engine.runner import RunAlreadyActive
+from lora_gui.ui import run_view
+from lora_gui.ui.comparison import release_cached_pipeline
+from lora_gui.ui.workspace import OutsideWorkspace
+
+BUTTONS = ("start", "resume_checkpoint", "pause", "continue", "stop", "sample", "save")
+
+
+class StartRefused(ValueError):
+    """Start or Resume cannot go ahead; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------- starting
+
+
+def read_config(session, config_tab, values: dict) -> TrainingConfig:
+    """The Config tab's values as a config whose folders are confined to the workspace."""
+    inputs = config_tab.inputs()
+    try:
+        config = config_tab.to_config({c: v for c, v in values.items() if c in inputs})
+    except ConfigError as exc:
+        raise StartRefused(f"{exc}\n\nFix it on the Config tab, then press Start again.") from None
+    return confine_paths(session, config)
+
+
+def confine_paths(session, config: TrainingConfig) -> TrainingConfig:
+    workspace = session.workspace
+    try:
+        output = workspace.resolve(config.output.dir)
+        dataset = workspace.resolve(config.dataset.dir) if config.dataset.dir.strip() else None
+        cache = workspace.resolve(config.dataset.cache_dir) if config.dataset.cache_dir else None
+    except OutsideWorkspace as exc:
+        raise StartRefused(str(exc)) from None
+    if output == workspace.outputs or not output.is_relative_to(workspace.outputs):
+        raise StartRefused(f"output.dir must be a folder under {workspace.outputs} (for example outputs/my-lora), "
+                           "so the app can show its images; change it on the Config tab.")
+    if dataset is None or not dataset.is_dir():
+        raise StartRefused(f"dataset.dir {config.dataset.dir!r} is not a folder; pick a dataset on the Config tab.")
+    config = config.model_copy(deep=True)
+    config.output.dir, config.dataset.dir = str(output), str(dataset)
+    config.dataset.cache_dir = None if cache is None else str(cache)
+    return config
+
+
+def previous_run_problem(output_dir: Path, name: str) -> str | None:
+    """Why starting from step 0 in ``output_dir`` would clobber an earlier run, or None."""
+    if (output_dir / f"{name}.safetensors").is_file():
+        return f"{output_dir.name} already holds a finished LoRA ({name}.safetensors)"
+    if list_checkpoints(output_dir):
+        return f"{output_dir.name} holds checkpoints of an earlier run"
+    return None
+
+
+def clear_previous_run(output_dir: Path, name: str) -> None:
+    """Overwrite: remove the earlier run's LoRA, checkpoints, samples and metrics (comparisons stay)."""
+    for folder in (checkpoints_dir(output_dir), output_dir / "samples"):
+        shutil.rmtree(folder, ignore_errors=True)
+    for file in (f"{name}.safetensors", f"{name}.diffusers.safetensors", "metrics.csv"):
+        (output_dir / file).unlink(missing_ok=True)
+
+
+def start_run(session, config_tab, values: dict, overwrite: bool = False) -> str:
+    try:
+        config = read_config(session, config_tab, values)
+        output = Path(config.output.dir)
+        problem = previous_run_problem(output, config.output.name)
+        if problem and not overwrite:
+            raise StartRefused(f"{problem}. Choose another output.dir on the Config tab, resume from one of its "
+                               "checkpoints below, or tick Overwrite to train again from step 0 (deletes them).")
+        if problem and session.runner.is_active:
+            raise StartRefused("A training run is already in progress; stop it before starting another.")
+        if problem:
+            clear_previous_run(output, config.output.name)
+        return _launch(session, config, None)
+    except StartRefused as exc:
+        return f"⚠️ {exc}"
+
+
+def resume_run(session, config_tab, values: dict, checkpoint: str | None) -> str:
+    try:
+        config = read_config(session, config_tab, values)
+        found = {str(path.resolve()): path for path in list_checkpoints(config.output.dir)}
+        if not checkpoint:
+            raise StartRefused("Pick a checkpoint to resume from (press Refresh to list them).")
+        try:
+            chosen = found.get(str(session.workspace.resolve(checkpoint)))
+        except OutsideWorkspace:
+            chosen = None
+        if chosen is None:
+            raise StartRefused(f"{checkpoint} is not a complete checkpoint of output.dir {config.output.dir}; "
+                               "press Refresh and pick one from the list.")
+        return _launch(session, config, chosen)
+    except StartRefused as exc:
+        return f"⚠️ {exc}"
+
+
+def _launch(session, config: TrainingConfig, resume_from: Path | None) -> str:
+    if session.runner.is_active:
+        raise StartRefused("A training run is already in progress; stop it (or wait for it) before starting another.")
+    release_cached_pipeline(session)
+    try:
+        session.runner.start(config, resume_from=resume_from)
+    except RunAlreadyActive as exc:
+        raise StartRefused(str(exc)) from None
+    session.train_started_config = config
+    where = session.workspace.relative(Path(config.output.dir))
+    if resume_from is not None:
+        return f"Resuming from step {checkpoint_step(resume_from)} in `{where}`."
+    return f"Started: {config.train.max_steps} steps into `{where}`."
+
+
+# ----------------------------------------------------------------------------- controls
+
+
+def control(session, action: str) -> str:
+    """Pause, continue, stop, sample or save; refused with a reason when the run's state rules it out."""
+    runner = session.runner
+    state = runner.snapshot().state
+    if not runner.is_active or not run_view.button_states(state).get(action, False):
+        return f"⚠️ {_NOT_NOW.get(action, 'That')} is not possible while the run is {state}."
+    messages = {
+        "pause": (runner.pause, "Pausing after the current step. Test it on the Test tab, then press Continue."),
+        "continue": (runner.resume, "Continuing."),
+        "stop": (runner.stop, "Stopping: a resumable checkpoint is saved at the current step."),
+        "sample": (runner.sample_now, "Validation images will be rendered after the current step."),
+        "save": (runner.save_now, "A checkpoint will be saved after the current step."),
+    }
+    command, message = messages[action]
+    command()
+    return message
+
+
+_NOT_NOW = {"pause": "Pause", "continue": "Continue", "stop": "Stop", "sample": "Sample now", "save": "Save now"}
+
+
+def checkpoint_choices(session, output_dir) -> list[tuple[str, str]]:
+    """(label, workspace-relative path) of complete checkpoints, newest first."""
+    if not output_dir:
+        return []
+    return [(f"step {checkpoint_step(path)}", session.workspace.relative(path))
+            for path in reversed(list_checkpoints(output_dir))]
+
+
+def refresh_checkpoints(session, config_tab, values: dict):
+    try:
+        config = read_config(session, config_tab, values)
+    except StartRefused as exc:
+        return gr.update(choices=[], value=None), f"⚠️ {exc}"
+    choices = checkpoint_choices(session, config.output.dir)
+    note = "" if choices else f"No complete checkpoints in `{session.workspace.relative(Path(config.output.dir))}`."
+    return gr.update(choices=choices, value=choices[0][1] if choices else None), note
+
+
+# ----------------------------------------------------------------------------- polling
+
+
+def poll(session, last_keys: dict | None) -> tuple[dict, dict]:
+    """The panels whose content changed since ``last_keys``, as {panel: value}, and the new keys."""
+    snap = session.runner.snapshot()
+    keys = run_view.view_keys(snap)
+    keys["checkpoints"] = (len(snap.checkpoints), snap.state, str(session.runner.output_dir))
+    last = last_keys or {}
+    changed = {name for name, key in keys.items() if name not in last or last[name] != key}
+    panels: dict = {}
+    if "status" in changed:
+        panels["status"] = run_view.status_markdown(snap)
+        panels["memory"] = run_view.memory_text(_memory_report())
+    if "plots" in changed:
+        panels["loss"], panels["lr"] = run_view.loss_frame(snap.losses), run_view.lr_frame(snap.losses)
+    if "samples" in changed:
+        panels["gallery"] = (run_view.gallery_items(snap.samples), run_view.gallery_columns(snap.samples))
+    if "log" in changed:
+        panels["log"] = run_view.log_text(snap.log)
+    if "error" in changed:
+        panels["error"] = _error_panel(session, snap.error)
+    if "buttons" in changed:
+        panels["buttons"] = run_view.button_states(snap.state)
+    if "checkpoints" in changed and session.runner.output_dir is not None:
+        panels["checkpoints"] = checkpoint_choices(session, session.runner.output_dir)
+    return panels, keys
+
+
+def _memory_report() -> dict | None:
+    torch = sys.modules.get("torch")  # no run yet means no torch import and nothing on a GPU
+    if torch is None or not torch.cuda.is_available():
+        return None
+    from lora_gui.engine.devices import memory_report
+
+    return memory_report(torch.device("cuda"))
+
+
+def _error_panel(session, error) -> tuple[str, str] | None:
+    if error is None:
+        return None
+    config = session.train_started_config
+    gpu = session.gpu if run_view.is_out_of_memory(error) else None
+    text = run_view.error_markdown(error, config.model.family if config else None, gpu.total_gib if gpu else None)
+    return text, error.details
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def build(session, config_tab) -> None:
+    with gr.Row():
+        buttons = {
+            "start": gr.Button("Start", variant="primary"),
+            "pause": gr.Button("Pause", interactive=False),
+            "continue": gr.Button("Continue", interactive=False),
+            "stop": gr.Button("Stop", variant="stop", interactive=False),
+            "sample": gr.Button("Sample now", interactive=False),
+            "save": gr.Button("Save now", interactive=False),
+        }
+    overwrite = gr.Checkbox(False, label="Overwrite: train from step 0 even if output.dir holds a finished LoRA "
+                                         "or checkpoints (deletes them)")
+    with gr.Accordion("Resume from a checkpoint", open=False):
+        with gr.Row():
+            checkpoint = gr.Dropdown([], label="Complete checkpoints of the Config tab's output.dir", scale=4)
+            refresh = gr.Button("Refresh", scale=1)
+            buttons["resume_checkpoint"] = gr.Button("Resume", variant="primary", scale=1)
+    message = gr.Markdown()
+    error = gr.Markdown(visible=False, elem_classes=["lg-error"])
+    with gr.Accordion("Error details", open=False, visible=False) as details_box:
+        details = gr.Textbox(show_label=False, lines=12, max_lines=30, interactive=False)
+    status = gr.Markdown("**Idle**", elem_classes=["lg-status"])
+    memory = gr.Markdown(elem_classes=["lg-small"])
+    with gr.Row():
+        loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss (raw and smoothed)", height=260)
+        lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=260)
+    gallery = gr.Gallery(label="Validation images: one row per step, newest first", columns=2, height=520,
+                         object_fit="contain")
+    log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, autoscroll=True)
+    keys = gr.State({})
+    timer = gr.Timer(1.0)
+
+    button_list = [buttons[name] for name in BUTTONS]
+    outputs = [status, memory, loss_plot, lr_plot, gallery, log, error, details_box, details, checkpoint,
+               *button_list, keys]
+
+    def tick(last_keys):
+        panels, new_keys = poll(session, last_keys)
+        return [*_updates(panels, button_list), new_keys]
+
+    timer.tick(tick, keys, outputs, show_progress="hidden", queue=False, api_name="train_poll")
+    config_inputs = config_tab.inputs()
+
+    def on_start(data):
+        return start_run(session, config_tab, data, overwrite=bool(data.get(overwrite)))
+
+    def on_resume(data):
+        return resume_run(session, config_tab, data, data.get(checkpoint))
+
+    def then_poll(event):  # show the new state at once instead of at the next tick
+        event.then(tick, keys, outputs, show_progress="hidden", api_visibility="undocumented")
+
+    then_poll(buttons["start"].click(on_start, config_inputs | {overwrite}, message, api_name="train_start"))
+    then_poll(buttons["resume_checkpoint"].click(on_resume, config_inputs | {checkpoint}, message,
+                                                 api_name="train_resume"))
+    for action in ("pause", "continue", "stop", "sample", "save"):
+        then_poll(buttons[action].click(lambda action=action: control(session, action), None, message,
+                                        api_name=f"train_{action}"))
+    refresh.click(lambda data: refresh_checkpoints(session, config_tab, data), config_inputs, [checkpoint, message],
+                  api_name="train_checkpoints")
+
+
+def _updates(panels: dict, button_list: list) -> list:
+    skip = gr.skip()
+    error = panels.get("error", skip)
+    if error is not skip:
+        error_text, error_details = error or ("", "")
+        error_updates = [gr.update(value=error_text, visible=bool(error_text)),
+                         gr.update(visible=bool(error_details)), error_details]
+    else:
+        error_updates = [skip, skip, skip]
+    gallery = panels.get("gallery")
+    states = panels.get("buttons")
+    choices = panels.get("checkpoints")
+    return [
+        panels.get("status", skip), panels.get("memory", skip), panels.get("loss", skip), panels.get("lr", skip),
+        skip if gallery is None else gr.update(value=gallery[0], columns=gallery[1]),
+        panels.get("log", skip), *error_updates,
+        skip if choices is None else gr.update(choices=choices, value=choices[0][1] if choices else None),
+        *([skip] * len(button_list) if states is None else
+          [gr.update(interactive=states[name]) for name in BUTTONS]),
+    ]

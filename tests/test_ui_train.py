@@ -1,0 +1,209 @@
+"""Train tab: the pure view functions, the handlers' refusals, and a real Gradio server smoke test."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from dataclasses import dataclass
+
+import gradio as gr
+import pytest
+from helpers import make_dataset, tiny_config
+
+from lora_gui.config import TrainingConfig, config_to_dict, deep_merge, validate_config
+from lora_gui.engine.runner import RunSnapshot
+from lora_gui.events import Failed, SamplesReady
+from lora_gui.ui import run_view
+from lora_gui.ui.session import AppSession
+from lora_gui.ui.tabs import train
+from lora_gui.ui.workspace import Workspace
+
+
+@dataclass
+class FakeConfigTab:
+    """The Config tab's contract: components keyed "section.key", to_config(values), inputs()."""
+
+    components: dict
+    base: TrainingConfig
+
+    def to_config(self, values: dict) -> TrainingConfig:
+        data = config_to_dict(self.base)
+        for key, component in self.components.items():
+            section, field = key.split(".")
+            data = deep_merge(data, {section: {field: values[component]}})
+        return validate_config(data)
+
+    def inputs(self) -> set:
+        return set(self.components.values())
+
+
+def fake_config_tab(base: TrainingConfig) -> FakeConfigTab:
+    keys = {"output.dir": gr.Textbox, "dataset.dir": gr.Textbox, "train.max_steps": gr.Number}
+    components = {}
+    for key, kind in keys.items():
+        section, field = key.split(".")
+        components[key] = kind(getattr(getattr(base, section), field), label=key, render=False)
+    return FakeConfigTab(components, base)
+
+
+def form_values(tab: FakeConfigTab, **changes) -> dict:
+    values = {component: getattr(getattr(tab.base, key.split(".")[0]), key.split(".")[1])
+              for key, component in tab.components.items()}
+    for key, value in changes.items():
+        values[tab.components[key.replace("__", ".")]] = value
+    return values
+
+
+def make_workspace(tmp_path, *overrides: str):
+    workspace = Workspace.create(tmp_path / "ws")
+    dataset = make_dataset(workspace.datasets / "shapes")
+    config = tiny_config("sd15", dataset, workspace.outputs / "run", *overrides)
+    config.dataset.dir, config.output.dir = "datasets/shapes", "outputs/run"
+    return AppSession(workspace=workspace), fake_config_tab(config)
+
+
+# ----------------------------------------------------------------------------- pure view functions
+
+
+def test_button_states_follow_the_run_state():
+    assert run_view.button_states("idle") == {
+        "start": True, "resume_checkpoint": True, "pause": False, "continue": False, "stop": False,
+        "sample": False, "save": False}
+    running = run_view.button_states("running")
+    assert not running["start"] and running["pause"] and running["stop"] and not running["continue"]
+    paused = run_view.button_states("paused")
+    assert paused["continue"] and not paused["pause"] and paused["sample"] and paused["save"]
+    assert not any(run_view.button_states("stopping").values())
+    for state in ("finished", "stopped", "failed"):
+        assert run_view.button_states(state)["start"] and not run_view.button_states(state)["stop"]
+
+
+def test_status_text_and_durations():
+    snap = RunSnapshot(state="running", step=12, max_steps=100, epoch=2, loss=0.12345, lr=1e-4,
+                       sec_per_step=0.5, eta_seconds=3725, status="Training")
+    text = run_view.status_markdown(snap)
+    assert "**Running**" in text and "step 12 / 100" in text and "epoch 2" in text
+    assert "loss 0.1235" in text and "lr 1.00e-04" in text and "0.50 s/step" in text and "ETA 1h 02m" in text
+    assert "Start" in run_view.status_markdown(RunSnapshot())
+    assert run_view.format_duration(75) == "1m 15s" and run_view.format_duration(None) == "-"
+    assert run_view.memory_text(None).startswith("GPU memory: -")
+    assert "3.0 GiB in use" in run_view.memory_text({"allocated_gib": 3, "peak_gib": 4, "total_gib": 24})
+
+
+def test_smoothed_loss_and_plot_tables():
+    assert run_view.smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # bias-corrected from step 1
+    smooth = run_view.smoothed([1.0, 0.0] * 50)
+    assert 0.4 < smooth[-1] < 0.6
+    losses = [(step, 1.0 / step, 1e-4) for step in range(1, 2001)]
+    frame = run_view.loss_frame(losses, limit=100)
+    assert set(frame["series"]) == {"raw", "smoothed"} and len(frame) <= 2 * 101
+    assert frame["step"].max() == 2000  # the newest step is always drawn
+    assert list(run_view.lr_frame(losses[:3]).columns) == ["step", "lr"]
+    assert run_view.loss_frame([(1, float("nan"), 1e-4)]).empty
+
+
+def test_gallery_rows_are_steps_newest_first():
+    samples = [SamplesReady(step=5, paths=("a/00.png", "a/01.png"), prompts=("p0", "p1")),
+               SamplesReady(step=10, paths=("b/00.png", "b/01.png"), prompts=("p0", "p1"))]
+    items = run_view.gallery_items(samples)
+    assert items[0] == ("b/00.png", "step 10 · p0") and items[-1] == ("a/01.png", "step 5 · p1")
+    assert run_view.gallery_columns(samples) == 2
+    assert run_view.log_text([str(i) for i in range(500)]).splitlines()[0] == "300"
+
+
+def test_next_preset_down_and_the_out_of_memory_message():
+    presets = ["sd15-8gb", "sd15-12gb", "sd15-16gb", "sd15-24gb", "sd15-48gb", "flux-24gb", "sd15-cpu-demo"]
+    assert run_view.next_preset_down("sd15", 23.6, presets) == "sd15-16gb"  # a 24 GB card
+    assert run_view.next_preset_down("sd15", 80.0, presets) == "sd15-24gb"
+    assert run_view.next_preset_down("sd15", 8.0, presets) is None
+    assert run_view.next_preset_down("flux", 24.0, presets) is None
+    assert run_view.next_preset_down("sd15", None, presets) is None
+    assert run_view.next_preset_down("sdxl", 12.0) == "sdxl-8gb"  # the real presets folder
+    oom = Failed(message="The GPU ran out of memory.", hint="Pick a smaller preset.", details="Traceback ...")
+    text = run_view.error_markdown(oom, "sd15", 23.6, presets)
+    assert "⚠️ The GPU ran out of memory." in text and "`sd15-16gb`" in text and "Traceback" not in text
+    other = run_view.error_markdown(Failed(message="dataset.dir is empty.", hint="Set it."), "sd15", 24.0)
+    assert "Set it." in other and "preset" not in other
+
+
+def test_view_keys_change_only_with_content():
+    snap = RunSnapshot(state="running", step=1, losses=[(1, 0.5, 1e-4)])
+    same = RunSnapshot(state="running", step=1, losses=[(1, 0.5, 1e-4)])
+    assert run_view.view_keys(snap) == run_view.view_keys(same)
+    later = RunSnapshot(state="running", step=2, losses=[(1, 0.5, 1e-4), (2, 0.4, 1e-4)])
+    changed = {k for k, v in run_view.view_keys(later).items() if run_view.view_keys(snap)[k] != v}
+    assert changed == {"status", "plots"}
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+def test_start_refusals_say_what_to_do(tmp_path):
+    session, tab = make_workspace(tmp_path)
+    bad = train.start_run(session, tab, form_values(tab, train__max_steps=0))
+    assert bad.startswith("⚠️") and "train.max_steps" in bad and "Config tab" in bad
+    outside = train.start_run(session, tab, form_values(tab, output__dir=str(tmp_path / "elsewhere")))
+    assert "outside the workspace" in outside
+    escaped = train.start_run(session, tab, form_values(tab, output__dir="datasets/x"))
+    assert "under" in escaped and "outputs" in escaped
+    run = session.workspace.outputs / "run"
+    run.mkdir()
+    (run / "test-lora.safetensors").write_bytes(b"x")
+    refused = train.start_run(session, tab, form_values(tab))
+    assert "already holds a finished LoRA" in refused and "Overwrite" in refused
+    assert not session.runner.is_active
+    assert "not a complete checkpoint" in train.resume_run(session, tab, form_values(tab), "outputs/run/../../x")
+    assert train.control(session, "pause").startswith("⚠️ Pause is not possible while the run is idle")
+    panels, keys = train.poll(session, {})
+    assert panels["buttons"]["start"] and "Idle" in panels["status"]
+    assert train.poll(session, keys)[0] == {}  # nothing changed: nothing is re-sent
+
+
+class StubRunner:
+    """A runner frozen in a failed state with losses and validation images, to drive the real server."""
+
+    def __init__(self, snapshot: RunSnapshot, output_dir) -> None:
+        self._snapshot, self.output_dir, self.is_active = snapshot, output_dir, False
+
+    def snapshot(self) -> RunSnapshot:
+        return self._snapshot
+
+
+def test_gradio_server_smoke(tmp_path):
+    from gradio_client import Client
+    from PIL import Image
+
+    from lora_gui.ui.tabs import test as test_tab
+
+    session, tab = make_workspace(tmp_path)
+    image = session.workspace.outputs / "run" / "samples" / "step-000005" / "00.png"
+    image.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(image)
+    oom = Failed(message="The GPU ran out of memory.", hint="Lower the batch size.", details="Traceback: OOM")
+    session.runner = StubRunner(RunSnapshot(
+        state="failed", step=5, max_steps=10, losses=[(1, 0.5, 1e-4), (2, 0.4, 1e-4)], log=["Error: OOM"],
+        samples=[SamplesReady(step=5, paths=(str(image),), prompts=("sks",))], error=oom), image.parents[2])
+    with gr.Blocks() as app:
+        for component in tab.components.values():
+            component.render()
+        with gr.Tabs():
+            with gr.Tab("Train"):
+                train.build(session, tab)
+            with gr.Tab("Test"):
+                test_tab.build(session, tab)
+    app.queue()
+    _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                           allowed_paths=session.workspace.allowed_paths())
+    try:
+        with urllib.request.urlopen(url + "config", timeout=10) as response:
+            config = json.loads(response.read())
+        events = {target[1] for dep in config["dependencies"] for target in dep["targets"]}
+        assert {"tick", "click", "select", "input"} <= events
+        client = Client(url, verbose=False)
+        status, memory, loss, lr, gallery, log, error, *_ = client.predict(api_name="/train_poll")
+        assert "Failed" in status and len(loss["data"]) == 4 and log == "Error: OOM"
+        assert gallery["value"][0]["caption"] == "step 5 · sks"
+        assert error["visible"] and "The GPU ran out of memory." in error["value"]
+        assert client.predict(api_name="/train_pause").startswith("⚠️")
+    finally:
+        app.close()
