@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_gui.config import TrainingConfig
-from lora_gui.engine.sampling import SampleSettings
+from lora_gui.engine.sampling import SampleSettings, modules_on, pipeline_kwargs
 
 NO_LORA = "no LoRA"
 
@@ -65,15 +65,8 @@ def render_comparison(
             for scale in row_scales:
                 if lora is not None:
                     pipeline.set_adapters([adapter], adapter_weights=[float(scale)])
-                generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-                kwargs = dict(
-                    prompt=prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-                    width=settings.width, height=settings.height, generator=generator,
-                    **family.sample_kwargs(components),
-                )
-                if settings.negative_prompt and family.name != "flux":
-                    kwargs["negative_prompt"] = settings.negative_prompt
                 with torch.no_grad(), _adapters_off(components, lora is None):
+                    kwargs = pipeline_kwargs(family, components, pipeline, prompt, settings, settings.seed)
                     image = pipeline(**kwargs).images[0]
                 cells.append(ComparisonCell(row=labels[index], scale=float(scale), image=image))
                 done += 1
@@ -102,8 +95,6 @@ def render_on_training_model(
     """
     import torch
 
-    from lora_gui.engine.sampling import ModelsOnDevice
-
     modules = [components.denoiser, *components.text_encoders]
     saved = _AdapterSetup(modules)
     device = components.device or torch.device("cpu")
@@ -112,7 +103,7 @@ def render_on_training_model(
         for module in modules:
             module.eval()
         pipeline = family.build_pipeline(components)
-        with torch.random.fork_rng(devices=cuda), ModelsOnDevice(components, device):
+        with torch.random.fork_rng(devices=cuda), modules_on([components.vae], device):
             return render_comparison(family, components, pipeline, loras, scales, settings, progress, labels)
     finally:
         saved.restore()

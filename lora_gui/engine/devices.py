@@ -93,3 +93,21 @@ def free_accelerator_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def module_bytes(modules) -> int:
+    return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
+
+
+def text_encoder_device(text_encoders, device: torch.device, headroom: float = 0.85) -> torch.device:
+    """Where the text encoders run: the accelerator if they fit in its free memory, else the CPU.
+
+    A large encoder (Flux's T5, about 9.5 GB in bf16) on a small GPU encodes on the CPU: slower, but
+    captions are encoded once and cached.
+    """
+    if device.type != "cuda" or not text_encoders:
+        return device
+    on_device = sum(module_bytes([m]) for m in text_encoders if next(m.parameters()).device.type == "cuda")
+    free, _ = torch.cuda.mem_get_info(device)
+    needed = module_bytes(text_encoders) - on_device
+    return device if needed <= free * headroom else torch.device("cpu")

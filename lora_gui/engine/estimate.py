@@ -147,7 +147,7 @@ def pixel_ratio(resolution: int, costs: FamilyCosts) -> float:
 
 def text_encoders_on_gpu(config: TrainingConfig) -> bool:
     trains_encoder = config.lora.train_text_encoder and config.model.family != "flux"
-    return not config.dataset.cache_text or trains_encoder
+    return not config.dataset.cache_text or config.dataset.shuffle_tags or trains_encoder
 
 
 def lora_params(config: TrainingConfig, costs: FamilyCosts) -> float:
@@ -180,21 +180,22 @@ def training_memory(config: TrainingConfig, costs: FamilyCosts) -> dict[str, flo
 
 
 def sampling_memory(config: TrainingConfig, costs: FamilyCosts) -> float:
-    """Validation images: the text encoders and VAE come back to the GPU next to the training state."""
+    """Validation images: the VAE joins the training state; prompts were encoded while caching, so the
+    text encoders stay off the GPU unless they are there anyway."""
     parts = training_memory(config, costs)
     weight_bytes = WEIGHT_BYTES[config.model.weight_dtype]
     width = config.sample.width or config.dataset.resolution
     height = config.sample.height or config.dataset.resolution
-    resident = parts["denoiser weights"] + parts["LoRA + optimizer"] + parts["CUDA context"]
-    encoders_and_vae = (sum(costs.text_encoders_b) + costs.vae_b) * 1e9 * weight_bytes / GIB
-    return resident + encoders_and_vae + costs.sampling_gib * width * height / costs.base_resolution**2
+    resident = sum(parts.values()) - parts["activations"] - parts["VAE"]
+    vae = costs.vae_b * 1e9 * weight_bytes / GIB
+    return resident + vae + costs.sampling_gib * width * height / costs.base_resolution**2
 
 
 def loading_memory(config: TrainingConfig, costs: FamilyCosts) -> float:
-    """The engine loads every part at the weight dtype onto the device, then quantizes the denoiser."""
+    """While the caches fill: the text encoders and VAE are on the GPU; the denoiser joins only afterwards."""
     weight_bytes = WEIGHT_BYTES[config.model.weight_dtype]
-    total_b = costs.denoiser_b + sum(costs.text_encoders_b) + costs.vae_b
-    return total_b * 1e9 * weight_bytes / GIB + CUDA_CONTEXT_GIB
+    others_b = sum(costs.text_encoders_b) + costs.vae_b
+    return others_b * weight_bytes * 1e9 / GIB + CUDA_CONTEXT_GIB
 
 
 def _tiny_memory(config: TrainingConfig) -> dict[str, float]:
@@ -264,9 +265,9 @@ def _memory_warnings(config: TrainingConfig, gpu_gib: float, peak: float, sampli
         notes.append(f"Training needs about {peak:.1f} GiB but the GPU has {gpu_gib:.1f} GiB: choose a smaller "
                      "preset, or enable gradient checkpointing, lower the batch size or resolution, or quantize.")
     if sampling > gpu_gib:
-        notes.append(f"Validation images bring the text encoders and VAE back to the GPU (about {sampling:.1f} "
-                     "GiB): this may run out of memory when images are rendered.")
-    if config.model.quantize != "none" and loading > gpu_gib:
-        notes.append(f"Loading puts the unquantized model on the GPU before quantizing (about {loading:.1f} "
-                     "GiB): more than this GPU has.")
+        notes.append(f"Rendering validation images needs about {sampling:.1f} GiB: this may run out of memory "
+                     "then; lower sample.width/height or turn sampling off (sample.every = 0).")
+    if loading > gpu_gib:
+        notes.append(f"The text encoders need about {loading:.1f} GiB, more than this GPU has: captions will be "
+                     "encoded on the CPU once (a slower start, then cached).")
     return notes

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lora_gui.config import SampleSection
+from lora_gui.engine.devices import text_encoder_device
 from lora_gui.engine.families.base import Components, ModelFamily
 
 
@@ -39,31 +41,68 @@ class SampleSettings:
         )
 
 
-class ModelsOnDevice:
-    """Moves the VAE and text encoders to the training device for sampling, and back afterwards."""
+@contextmanager
+def modules_on(modules: Sequence[torch.nn.Module], device: torch.device):
+    """Move modules to ``device`` for a while, then back where each was (caches may have offloaded them)."""
+    previous = [next(module.parameters()).device for module in modules]
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, where in zip(modules, previous, strict=True):
+            module.to(where)
 
-    def __init__(self, components: Components, device: torch.device) -> None:
-        self.modules = [components.vae, *components.text_encoders]
-        self.device = device
-        self.previous = [next(m.parameters()).device for m in self.modules]
 
-    def __enter__(self) -> None:
-        for module in self.modules:
-            module.to(self.device)
+def encode_sampling_prompt(family: ModelFamily, components: Components, pipeline, prompt: str,
+                           settings: SampleSettings) -> dict:
+    """A prompt's embeddings for the pipeline; the text encoders visit the device only meanwhile
+    (or stay on the CPU when they do not fit next to the model)."""
+    device = text_encoder_device(components.text_encoders, components.device or torch.device("cpu"))
+    with modules_on(components.text_encoders, device), torch.no_grad():
+        return family.sampling_prompt_kwargs(pipeline, components, prompt, settings.negative_prompt,
+                                             settings.guidance_scale, device)
 
-    def __exit__(self, *exc) -> None:
-        for module, device in zip(self.modules, self.previous, strict=True):
-            module.to(device)
+
+def pipeline_kwargs(family: ModelFamily, components: Components, pipeline, prompt: str,
+                    settings: SampleSettings, seed: int, encoded: dict | None = None) -> dict:
+    """Everything a pipeline call needs, with the prompt already encoded (``encoded``: from a cache).
+
+    With cached embeddings a large text encoder (Flux's T5) never returns to the device for sampling.
+    """
+    device = components.device or torch.device("cpu")
+    if encoded is None:
+        encoded = encode_sampling_prompt(family, components, pipeline, prompt, settings)
+    embeds = {key: value.to(device) for key, value in encoded.items()}
+    return dict(
+        **embeds, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+        width=settings.width, height=settings.height, generator=torch.Generator(device="cpu").manual_seed(seed),
+        **family.sample_kwargs(components),
+    )
+
+
+def encode_sampling_prompts(family: ModelFamily, components: Components, settings: SampleSettings) -> dict:
+    """Embeddings of every validation prompt, on the CPU, for ``render(..., encoded=...)``."""
+    pipeline = family.build_pipeline(components)
+    return {
+        prompt: {key: value.cpu() for key, value in
+                 encode_sampling_prompt(family, components, pipeline, prompt, settings).items()}
+        for prompt in settings.prompts
+    }
 
 
 def render(
     family: ModelFamily,
     components: Components,
     settings: SampleSettings,
-    seed_offset_per_prompt: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    encoded: dict[str, dict] | None = None,
 ) -> list:
-    """One PIL image per prompt with fixed seeds; leaves global RNG state untouched."""
+    """One PIL image per prompt, each with seed ``settings.seed + index``; leaves global RNG state untouched.
+
+    ``encoded`` maps prompts to embeddings from ``encode_sampling_prompts`` (valid while the text
+    encoders are frozen); other prompts are encoded on the spot.
+    """
     pipeline = family.build_pipeline(components)
     pipeline.set_progress_bar_config(disable=True)
     denoiser = components.denoiser
@@ -72,17 +111,11 @@ def render(
     images = []
     device = components.device or torch.device("cpu")
     try:
-        with torch.random.fork_rng(devices=_cuda_devices(device)), ModelsOnDevice(components, device), torch.no_grad():
+        with torch.random.fork_rng(devices=_cuda_devices(device)), modules_on([components.vae], device), \
+                torch.no_grad():
             for index, prompt in enumerate(settings.prompts):
-                seed = settings.seed + (index if seed_offset_per_prompt else 0)
-                generator = torch.Generator(device="cpu").manual_seed(seed)
-                kwargs = dict(
-                    prompt=prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-                    width=settings.width, height=settings.height, generator=generator,
-                    **family.sample_kwargs(components),
-                )
-                if settings.negative_prompt and family.name != "flux":
-                    kwargs["negative_prompt"] = settings.negative_prompt
+                kwargs = pipeline_kwargs(family, components, pipeline, prompt, settings, settings.seed + index,
+                                         (encoded or {}).get(prompt))
                 images.append(pipeline(**kwargs).images[0])
                 if progress:
                     progress(index + 1, len(settings.prompts))

@@ -17,13 +17,18 @@ from lora_gui.captioning import unload_all_captioners
 from lora_gui.config import TrainingConfig, save_config
 from lora_gui.engine import checkpoint as ckpt
 from lora_gui.engine import lora as lora_files
-from lora_gui.engine.devices import autocast_context, free_accelerator_memory, resolve_placement
+from lora_gui.engine.devices import (
+    autocast_context,
+    free_accelerator_memory,
+    resolve_placement,
+    text_encoder_device,
+)
 from lora_gui.engine.errors import NonFiniteLoss, TrainingError, explain
 from lora_gui.engine.families.registry import get_family
 from lora_gui.engine.metrics import MetricsLog
 from lora_gui.engine.optim import build_lr_scheduler, build_optimizer, current_lr
 from lora_gui.engine.quantize import quantize_denoiser
-from lora_gui.engine.sampling import SampleSettings, render, save_images
+from lora_gui.engine.sampling import SampleSettings, encode_sampling_prompts, render, save_images
 from lora_gui.events import (
     CheckpointSaved,
     Controls,
@@ -97,6 +102,7 @@ class TrainingRun:
         self.family = get_family(config.model.family)
         self.step = 0
         self.metrics: MetricsLog | None = None
+        self.sample_prompts: dict | None = None  # validation prompt embeddings, while the text encoders are frozen
         self.last_checkpoint: str | None = None
 
     # ------------------------------------------------------------------ orchestration
@@ -107,10 +113,7 @@ class TrainingRun:
         self.placement = resolve_placement(self.config)
         unload_all_captioners()  # a captioning model must not hold accelerator memory while training
         self.status(f"Loading {self.config.model.base} on {self.placement.describe()}")
-        self.components = self.family.load(
-            self.config.model, self.placement.device, self.placement.weight_dtype, self.emit
-        )
-        self.quantize()
+        self.load_model()
         self.fill_caches()
         self.attach_lora()
         self.build_optimization()
@@ -157,10 +160,15 @@ class TrainingRun:
         self.status(data.describe())
         return data
 
-    def quantize(self) -> None:
+    def load_model(self) -> None:
+        """Load the base model into CPU memory (quantizing the denoiser there if asked); the parts move to
+        the accelerator as they are needed, so it never holds the encoders and the full model at once."""
+        self.components = self.family.load(self.config.model, torch.device("cpu"), self.placement.weight_dtype,
+                                           self.emit)
+        self.components.device = self.placement.device
         mode = self.config.model.quantize
         if mode != "none":
-            count = quantize_denoiser(self.components.denoiser, mode, self.placement.device)
+            count = quantize_denoiser(self.components.denoiser, mode, torch.device("cpu"))
             self.status(f"Quantized {count} layers of the {self.family.denoiser_key} to {mode}")
 
     def cache_dir(self) -> Path:
@@ -171,32 +179,52 @@ class TrainingRun:
         return f"{model.family}|{model.base}|{model.revision}|{self.components.source}|{self.components.vae.dtype}"
 
     def fill_caches(self) -> None:
+        """Encode images and captions once; the VAE and text encoders then leave the accelerator and the
+        denoiser takes their place."""
         dataset, comps, device = self.config.dataset, self.components, self.placement.device
+        comps.vae.to(device)
+        encoder_device = text_encoder_device(comps.text_encoders, device)
+        if encoder_device != device:
+            self.status("The text encoders do not fit in the free GPU memory: captions are encoded on the CPU "
+                        "(slower, once; they are cached).")
+        for encoder in comps.text_encoders:
+            encoder.to(encoder_device)
         if dataset.cache_latents:
-            def encode_images(pixels: torch.Tensor) -> torch.Tensor:
-                with torch.no_grad():
-                    return self.family.encode_images(comps, pixels.to(device, comps.vae.dtype)).float().cpu()
-
-            self.data.fill_latent_cache(encode_images, self.cache_dir(), self.model_key(),
-                                        self.progress_status("Caching latents"))
+            self.cache_latents()
             self.offload(comps.vae)
         self.text_cached = False
         if dataset.cache_text and not self.config.lora.train_text_encoder:
-            def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
-                with torch.no_grad():
-                    embeds = self.family.encode_prompts(comps, captions)
-                return {k: v.float().cpu() for k, v in embeds.items()}
-
-            cached = self.data.fill_text_cache(
-                encode_text, self.cache_dir(), self.model_key(), self.progress_status("Caching text embeddings")
-            )
+            cached = self.cache_text()
             self.text_cached = bool(cached)
             if not cached:
                 self.status(f"Text embeddings are computed at each step: {cached.reason}")
             else:
+                self.sample_prompts = encode_sampling_prompts(self.family, comps, self.sample_settings())
                 for encoder in comps.text_encoders:
                     self.offload(encoder)
         free_accelerator_memory()
+        comps.denoiser.to(device)
+
+    def cache_latents(self) -> None:
+        comps, device = self.components, self.placement.device
+
+        def encode_images(pixels: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.family.encode_images(comps, pixels.to(device, comps.vae.dtype)).float().cpu()
+
+        self.data.fill_latent_cache(encode_images, self.cache_dir(), self.model_key(),
+                                    self.progress_status("Caching latents"))
+
+    def cache_text(self):
+        comps = self.components
+
+        def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                embeds = self.family.encode_prompts(comps, captions)
+            return {k: v.float().cpu() for k, v in embeds.items()}
+
+        return self.data.fill_text_cache(encode_text, self.cache_dir(), self.model_key(),
+                                         self.progress_status("Caching text embeddings"))
 
     def progress_status(self, label: str):
         return lambda done, total: self.status(f"{label} {done}/{total}", done, total)
@@ -362,6 +390,7 @@ class TrainingRun:
             else:
                 with torch.set_grad_enabled(self.config.lora.train_text_encoder):
                     embeds = self.family.encode_prompts(comps, list(batch.captions))
+                embeds = {k: v.to(device) for k, v in embeds.items()}
             noised = self.objective.add_noise(latents.float(), self.noise_generator)
             prediction = self.family.predict(
                 comps, noised.noisy.to(comps.weight_dtype), noised.timesteps, embeds, list(batch.conditioning),
@@ -398,11 +427,15 @@ class TrainingRun:
         self.emit(Stopped(step=self.step, checkpoint=checkpoint))
         return TrainResult(status="stopped", step=self.step, lora_path=None, checkpoint=checkpoint)
 
+    def sample_settings(self) -> SampleSettings:
+        return SampleSettings.from_config(self.config.sample, self.config.dataset.resolution,
+                                          self.family.size_multiple)
+
     def sample(self) -> None:
-        settings = SampleSettings.from_config(self.config.sample, self.config.dataset.resolution,
-                                              self.family.size_multiple)
+        settings = self.sample_settings()
         self.status(f"Rendering {len(settings.prompts)} validation image(s) at step {self.step}")
-        images = render(self.family, self.components, settings, progress=self.progress_status("Sampling"))
+        images = render(self.family, self.components, settings, progress=self.progress_status("Sampling"),
+                        encoded=self.sample_prompts)
         paths = save_images(images, self.output_dir / "samples" / f"step-{self.step:06d}")
         self.emit(SamplesReady(step=self.step, paths=tuple(paths), prompts=settings.prompts))
 

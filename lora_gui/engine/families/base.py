@@ -98,6 +98,11 @@ class ModelFamily(ABC):
     def build_pipeline(self, components: Components) -> Any:
         """A diffusers pipeline over the (possibly LoRA-wrapped) components, for sampling."""
 
+    @abstractmethod
+    def sampling_prompt_kwargs(self, pipeline: Any, components: Components, prompt: str, negative_prompt: str,
+                               guidance_scale: float, device: Any) -> dict[str, Any]:
+        """Prompt embeddings as the pipeline's ``__call__`` takes them, computed on ``device`` (where the text encoders are)."""
+
     def sample_kwargs(self, components: Components) -> dict[str, Any]:
         """Extra keyword arguments the family's pipeline needs when sampling."""
         return {}

@@ -123,6 +123,14 @@ class FluxFamily(ModelFamily):
         )[0]
         return unpack_latents(packed, height, width)
 
+    def sampling_prompt_kwargs(self, pipeline: Any, components: Components, prompt: str, negative_prompt: str,
+                               guidance_scale: float, device: Any) -> dict[str, Any]:
+        embeds, pooled, _ = pipeline.encode_prompt(
+            prompt=prompt, prompt_2=None, device=device,
+            max_sequence_length=components.extra["max_sequence_length"],
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
     def build_pipeline(self, components: Components) -> Any:
         pipe = FluxPipeline(
             scheduler=fresh_scheduler(components.scheduler),

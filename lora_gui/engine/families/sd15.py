@@ -75,6 +75,15 @@ class SD15Family(ModelFamily):
             return_dict=False,
         )[0]
 
+    def sampling_prompt_kwargs(self, pipeline: Any, components: Components, prompt: str, negative_prompt: str,
+                               guidance_scale: float, device: Any) -> dict[str, Any]:
+        guided = guidance_scale > 1.0
+        positive, negative = pipeline.encode_prompt(prompt, device, 1, guided, negative_prompt or None)
+        kwargs = {"prompt_embeds": positive}
+        if guided:
+            kwargs["negative_prompt_embeds"] = negative
+        return kwargs
+
     def build_pipeline(self, components: Components) -> Any:
         pipe = StableDiffusionPipeline(
             vae=components.vae,

@@ -48,6 +48,18 @@ class SDXLFamily(SD15Family):
             added_cond_kwargs=added, return_dict=False,
         )[0]
 
+    def sampling_prompt_kwargs(self, pipeline: Any, components: Components, prompt: str, negative_prompt: str,
+                               guidance_scale: float, device: Any) -> dict[str, Any]:
+        guided = guidance_scale > 1.0
+        positive, negative, pooled, negative_pooled = pipeline.encode_prompt(
+            prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+            negative_prompt=negative_prompt or None,
+        )
+        kwargs = {"prompt_embeds": positive, "pooled_prompt_embeds": pooled}
+        if guided:
+            kwargs.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+        return kwargs
+
     def build_pipeline(self, components: Components) -> Any:
         pipe = StableDiffusionXLPipeline(
             vae=components.vae,
