@@ -58,7 +58,8 @@ def test_never_overwrites(tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"trigger": ""}, "trigger"), ({"trigger": "a, b"}, "trigger"), ({"trigger": "x\ny"}, "trigger"),
-    ({"count": 0}, "count"), ({"count": MAX_COUNT + 1}, "count"), ({"size": 8}, "size"), ({"size": 10_000}, "size"),
+    ({"count": 0}, "count"), ({"count": MAX_COUNT + 1}, "count"),
+    ({"size": 8}, "size"), ({"size": 10_000}, "size"),
 ])
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):

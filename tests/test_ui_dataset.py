@@ -85,9 +85,10 @@ def test_report_lists_each_problem_next_to_its_file(workspace):
     assert "**Trigger 'sks':** in 1 of 3 usable images \\(33%\\)" in text
     assert "**Buckets at resolution 64:** 64x64: 3" in text
     assert "caption\\_missing \\(1\\)" in text  # problems counted, escaped for Markdown
-    assert V.bucket_rows(report) == [{"bucket": "64x64", "images": 3}]
-    empty = check_dataset(workspace.datasets, resolution=64)  # no images directly... scans recursively
-    assert V.summary_markdown(empty).startswith("### ")
+    assert V.bucket_rows(report) == [{"bucket": "1.00 · 64x64", "images": 3}]
+    (workspace.datasets / "none").mkdir()
+    empty = V.summary_markdown(check_dataset(workspace.datasets / "none"))
+    assert empty.startswith("### ❌ Not ready") and "No images found" in empty
 
 
 def test_gallery_shows_captions_and_placeholders(workspace, monkeypatch):
@@ -102,6 +103,8 @@ def test_gallery_shows_captions_and_placeholders(workspace, monkeypatch):
     report = check_dataset(folder, trigger="sks", resolution=64)
     checked, _ = V.gallery_items(folder, cache, report, progress=lambda done, total: None)
     assert checked[0][1] == "❌ broken.png: (no caption)" and checked[1][0] is items[1][0]  # cached thumbnail
+    small = check_dataset(folder, resolution=512)  # every image too small: an error, its caption still shown
+    assert V.gallery_items(folder, cache, small)[0][1][1] == "❌ good.png: sks, a red thing"
     monkeypatch.setattr(V, "MAX_GALLERY", 2)
     assert V.gallery_items(folder, cache)[1] == "4 image(s) (the first 2 of 4)."
 
@@ -198,7 +201,7 @@ def test_tab_through_a_real_server(workspace, tmp_path):
         assert "Created the sample dataset" in message and len(gallery) == 12
         assert gallery[0]["caption"] == "✅ shape-01.png: sks, an orange circle on a teal background"
         assert summary.startswith("### ✅ Ready to train: 12 of 12") and len(table["data"]) == 12
-        assert plot["value"]["data"] == [["448x576", 4], ["512x512", 4], ["576x448", 4]]
+        assert plot["data"] == [["0.78 · 448x576", 4], ["1.00 · 512x512", 4], ["1.29 · 576x448", 4]]
 
         result = client.predict("datasets/sample", "sks", 64, api_name="/dataset_check")
         assert "64x64: 12" in result[6]
@@ -211,9 +214,9 @@ def test_tab_through_a_real_server(workspace, tmp_path):
         result = client.predict("mine", [handle_file(str(picture))], "sks", 64, api_name="/dataset_upload")
         assert result[0] == "datasets/mine" and "Copied 1 file(s)" in result[4]
         assert (workspace.datasets / "mine" / "pic.png").is_file()
-        assert "trigger_missing" in str(result[8]["data"])
+        assert "caption_missing" in result[8]["data"][0][4]
         result = client.predict("sample", None, api_name="/dataset_show")  # typed: shown before checking
-        assert result[4] == "`datasets/sample`: 12 image\\(s\\)\\." and len(result[5]) == 12
-        assert result[6].startswith("Click **Check dataset**") and result[8]["data"] == [[""] * 5]
+        assert result[4] == "`datasets/sample`: 12 image(s)." and len(result[5]) == 12
+        assert result[6].startswith("Click **Check dataset**") and result[8]["data"] == []
     finally:
         demo.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +49,8 @@ class DatasetViewError(ValueError):
 def resolve_dataset(workspace: Workspace, text: Any) -> Path:
     """A dataset folder the browser may see: inside the workspace's datasets or outputs, existing."""
     if not isinstance(text, str) or not text.strip():
-        raise DatasetViewError("Choose a dataset folder: pick one from the list, create the sample, or upload images.")
+        raise DatasetViewError("Choose a dataset folder: pick one from the list, create the sample, or upload "
+                               "images.")
     if len(text) > 1000 or "\x00" in text:
         raise DatasetViewError("That folder name is not valid; pick a folder from the list.")
     try:
@@ -61,8 +63,8 @@ def resolve_dataset(workspace: Workspace, text: Any) -> Path:
         raise DatasetViewError(f"{text.strip()} is not under datasets/ (or outputs/); put datasets in "
                                f"{workspace.datasets}.")
     if not path.is_dir():
-        raise DatasetViewError(f"{workspace.relative(path)} is not a folder. Pick one from the list, or create it "
-                               "by uploading images.")
+        raise DatasetViewError(f"{workspace.relative(path)} is not a folder. Pick one from the list, or create "
+                               "it by uploading images.")
     return path
 
 
@@ -95,9 +97,11 @@ def create_sample(workspace: Workspace, trigger: Any) -> tuple[Path, str, str]:
     try:
         create_sample_dataset(folder, trigger=word, size=SAMPLE_SIZE)
     except OSError as exc:  # FileExistsError included: another click took the name first
-        raise DatasetViewError(f"Could not create the sample in {workspace.relative(folder)}: {exc}. Try again.") from None
+        raise DatasetViewError(f"Could not create the sample in {workspace.relative(folder)}: {exc}. "
+                               "Try again.") from None
     taken = "" if folder.name == "sample" else " (datasets/sample already exists, so this is a new copy)"
-    return folder, word, f"Created the sample dataset in `{workspace.relative(folder)}`{taken} with trigger `{word}`."
+    where = md_code(workspace.relative(folder))
+    return folder, word, f"Created the sample dataset in {where}{taken} with trigger {md_code(word)}."
 
 
 def check_inputs(trigger: Any, resolution: Any) -> tuple[str | None, int]:
@@ -127,7 +131,8 @@ class UploadResult:
     skipped: list[str] = field(default_factory=list)  # "name (why)"
 
     def message(self, workspace: Workspace) -> str:
-        where = f"`{workspace.relative(self.folder)}`" + (" (an existing dataset)" if self.added_to_existing else "")
+        where = md_code(workspace.relative(self.folder))
+        where += " (an existing dataset)" if self.added_to_existing else ""
         text = f"Copied {len(self.saved)} file(s) into {where}." if self.saved else "Nothing was copied."
         if self.skipped:
             more = f" and {len(self.skipped) - 10} more" if len(self.skipped) > 10 else ""
@@ -155,7 +160,8 @@ def save_uploads(workspace: Workspace, name: Any, files: Any, source_root: Path 
     if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
         raise DatasetViewError("Choose the images (and their .txt captions) to upload first.")
     if len(sources) > MAX_UPLOAD_FILES:
-        raise DatasetViewError(f"At most {MAX_UPLOAD_FILES} files per upload; upload the rest in another batch.")
+        raise DatasetViewError(f"At most {MAX_UPLOAD_FILES} files per upload; upload the rest in another "
+                               "batch.")
     try:
         folder = workspace.resolve(safe_folder_name(name), under=workspace.datasets)
     except OutsideWorkspace as exc:
@@ -223,6 +229,7 @@ class ThumbnailCache:
 
     capacity: int = MAX_GALLERY
     items: OrderedDict = field(default_factory=OrderedDict)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # galleries are built on several threads
 
     def get(self, path: Path) -> Image.Image:
         try:
@@ -230,13 +237,15 @@ class ThumbnailCache:
             key = (str(path), stat.st_size, stat.st_mtime_ns)
         except OSError:
             return placeholder()
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
         image = thumbnail(path)
-        self.items[key] = image
-        while len(self.items) > self.capacity:
-            self.items.popitem(last=False)
+        with self.lock:
+            self.items[key] = image
+            while len(self.items) > self.capacity:
+                self.items.popitem(last=False)
         return image
 
 
@@ -263,7 +272,9 @@ def gallery_items(
 ) -> tuple[list[tuple[Image.Image, str]], str]:
     """(thumbnail, label) for the first MAX_GALLERY images, and a note when there are more."""
     if report is not None:
-        entries = [(f.path, f"{ICONS[f.status]} {f.relative}: {f.caption or '(no caption)'}") for f in report.files]
+        # the doctor reads no caption for an unusable image; show it anyway
+        entries = [(f.path, f"{ICONS[f.status]} {f.relative}: {f.caption or _caption(f.caption_path)}")
+                   for f in report.files]
     else:
         entries = [(f.path, f"{_relative(f.path, folder)}: {_caption(f.caption_path)}")
                    for f in find_image_files(folder, CAPTION_EXTENSION)]
@@ -302,7 +313,12 @@ def report_rows(report: DatasetReport, limit: int = MAX_TABLE_ROWS) -> list[list
 
 
 def bucket_rows(report: DatasetReport) -> list[dict[str, Any]]:
-    return [{"bucket": name, "images": count} for name, count in report.summary["buckets"].items()]
+    """Bucket histogram rows, labelled "aspect · WxH" so that sorting by label puts tall before wide."""
+    rows = []
+    for name, count in report.summary["buckets"].items():
+        width, height = (int(side) for side in name.split("x"))
+        rows.append({"bucket": f"{width / height:.2f} · {name}", "images": count})
+    return sorted(rows, key=lambda row: row["bucket"])
 
 
 def summary_markdown(report: DatasetReport, limit: int = MAX_TABLE_ROWS) -> str:
@@ -340,7 +356,8 @@ def _stat_lines(summary: dict) -> Iterable[tuple[str, str]]:
     trigger = summary["trigger"]
     if trigger:
         total = trigger["with"] + trigger["without"]
-        yield f"Trigger '{trigger['word']}'", f"in {trigger['with']} of {total} usable images ({trigger['coverage']:.0%})"
+        coverage = f"in {trigger['with']} of {total} usable images ({trigger['coverage']:.0%})"
+        yield f"Trigger '{trigger['word']}'", coverage
     else:
         yield "Trigger", "none given; type it above to see which captions lack it"
     buckets = summary["buckets"]
@@ -354,6 +371,11 @@ _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
 
 def md_escape(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", str(text))
+
+
+def md_code(text: str) -> str:
+    """Text in a Markdown code span (where escapes would show literally)."""
+    return "`" + str(text).replace("`", "'").replace("\n", " ") + "`"
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -49,7 +49,7 @@ def build(session: AppSession) -> DatasetTab:
         explorer = gr.FileExplorer(
             glob="**/*", ignore_glob=glob.escape(str(workspace.datasets)) + "*/.*", file_count="single",
             root_dir=workspace.datasets, max_height=320,
-            label="Open a folder and tick '.' to choose it (or tick any file in it). New folders show after a reload.",
+            label="Open a folder and tick '.' to choose it, or tick any file in it (new folders: reload the page)",
         )
     with gr.Accordion("Upload images into a new dataset", open=False):
         with gr.Row():
@@ -59,17 +59,19 @@ def build(session: AppSession) -> DatasetTab:
         upload = gr.Button("Copy into datasets/<name>")
     message = gr.Markdown()
     gallery = gr.Gallery(label="Images and captions", columns=6, height=520, object_fit="contain",
-                         format="jpeg", interactive=False)
+                         fit_columns=False, format="jpeg", interactive=False)
     with gr.Row(equal_height=True):
         trigger = gr.Textbox(label="Trigger word", placeholder="sks", scale=2,
                              info="The word every caption should contain; its coverage is reported")
         resolution = gr.Number(512, label="Resolution", precision=0, minimum=V.MIN_RESOLUTION,
-                               maximum=V.MAX_RESOLUTION, scale=1, info="As on the Config tab (buckets, upscaling)")
+                               maximum=V.MAX_RESOLUTION, scale=1,
+                               info="As on the Config tab (buckets, upscaling)")
         check = gr.Button("Check dataset", variant="primary", scale=1)
     with gr.Row():
         summary = gr.Markdown(NOT_CHECKED)
-        histogram = gr.BarPlot(pd.DataFrame(columns=BUCKET_COLUMNS), x="bucket", y="images", height=260,
-                               title="Images per bucket", x_title="bucket (width x height)", y_title="images")
+        histogram = gr.BarPlot(no_buckets(), x="bucket", y="images", height=260, sort="x", y_lim=[0, None],
+                               title="Images per bucket", x_title="aspect ratio · bucket (width x height)",
+                               y_title="images")
     table = gr.Dataframe(pd.DataFrame(columns=V.TABLE_HEADERS), label="Report: every file with its problems",
                          interactive=False, wrap=True, max_height=600, show_search="search",
                          column_widths=["20%", "10%", "9%", "9%", "52%"])
@@ -78,21 +80,24 @@ def build(session: AppSession) -> DatasetTab:
     def show(path: Path, progress=None) -> dict:
         items, note = V.gallery_items(path, thumbnails, progress=_reporter(progress, "Loaded"))
         relative = workspace.relative(path)
-        return {gallery: items, message: f"`{V.md_escape(relative)}`: {note}", shown: relative,
-                summary: NOT_CHECKED, histogram: pd.DataFrame(columns=BUCKET_COLUMNS),
+        return {gallery: items, message: f"{V.md_code(relative)}: {note}", shown: relative,
+                existing: _choices(workspace, path),
+                summary: NOT_CHECKED, histogram: no_buckets(),
                 table: pd.DataFrame(columns=V.TABLE_HEADERS)}
 
     def checked(path: Path, word, size, progress=None) -> dict:
         word, size = V.check_inputs(word, size)
         report = check_dataset(path, trigger=word, resolution=size, progress=_reporter(progress, "Checked"))
         items, note = V.gallery_items(path, thumbnails, report, _reporter(progress, "Loaded"))
-        buckets = pd.DataFrame(V.bucket_rows(report), columns=BUCKET_COLUMNS)
         relative = workspace.relative(path)
-        return {summary: V.summary_markdown(report), table: pd.DataFrame(V.report_rows(report), columns=V.TABLE_HEADERS),
-                histogram: gr.update(value=buckets, sort=list(buckets["bucket"]) or None), gallery: items,
-                message: f"Checked `{V.md_escape(relative)}`: {note}", shown: relative}
+        rows = pd.DataFrame(V.report_rows(report), columns=V.TABLE_HEADERS)
+        buckets = pd.DataFrame(V.bucket_rows(report), columns=BUCKET_COLUMNS)
+        return {summary: V.summary_markdown(report), table: rows, histogram: buckets, gallery: items,
+                message: f"Checked {V.md_code(relative)}: {note}", shown: relative}
 
     def on_typed(text, last, progress=gr.Progress()):  # noqa: B008 (gradio finds the tracker by its default)
+        if not isinstance(text, str) or not text.strip():
+            return {shown: last}  # leaving an empty box is not an error
         path = V.resolve_dataset(workspace, text)
         return {shown: last} if workspace.relative(path) == last else show(path, progress)  # unchanged: no work
 
@@ -102,7 +107,7 @@ def build(session: AppSession) -> DatasetTab:
 
     def on_browse(selection, progress=gr.Progress()):  # noqa: B008
         path = V.folder_from_selection(workspace, selection)
-        return {folder: workspace.relative(path), existing: _choices(workspace), **show(path, progress)}
+        return {folder: workspace.relative(path), **show(path, progress)}
 
     def on_sample(word, size, progress=gr.Progress()):  # noqa: B008
         V.check_inputs(word, size)
@@ -131,18 +136,27 @@ def build(session: AppSession) -> DatasetTab:
     explorer.input(guard(on_browse), explorer, everything, api_name="dataset_browse")
     refresh.click(lambda: _choices(workspace), None, existing, api_name="dataset_refresh")
     writes = dict(concurrency_id="dataset_write", concurrency_limit=1)
-    sample.click(guard(on_sample), [trigger, resolution], everything, api_name="dataset_create_sample", **writes)
-    upload.click(guard(on_upload), [new_name, uploads, trigger, resolution], everything, api_name="dataset_upload",
+    sample.click(guard(on_sample), [trigger, resolution], everything, api_name="dataset_create_sample",
                  **writes)
+    upload.click(guard(on_upload), [new_name, uploads, trigger, resolution], everything,
+                 api_name="dataset_upload", **writes)
     check.click(guard(on_check), [folder, trigger, resolution], everything, api_name="dataset_check",
                 concurrency_limit=2)
     return DatasetTab(folder=folder, trigger=trigger)
 
 
+def no_buckets() -> pd.DataFrame:
+    """An empty histogram with the column types set, so the plot keeps a numeric y axis."""
+    return pd.DataFrame({"bucket": pd.Series(dtype="str"), "images": pd.Series(dtype="int64")})
+
+
 def _choices(workspace, selected: Path | None = None):
+    """The dataset list, showing ``selected`` when it is one of them (a nested folder shows none)."""
+    choices = workspace.list_datasets()
     if selected is None:
-        return gr.update(choices=workspace.list_datasets())
-    return gr.update(choices=workspace.list_datasets(), value=workspace.relative(selected))
+        return gr.update(choices=choices)
+    relative = workspace.relative(selected)
+    return gr.update(choices=choices, value=relative if relative in choices else None)
 
 
 def _upload_root() -> Path:
