@@ -1,0 +1,78 @@
+"""Launch options of the app: binding, passwords, share links, the workspace."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+from app_server import running_app
+
+from lora_gui.ui.app import parse_args, resolve_auth
+
+
+def test_share_without_auth_generates_a_password():
+    user, password = resolve_auth(parse_args(["--share"]))
+    assert user and len(password) >= 12
+    assert resolve_auth(parse_args(["--share"]))[1] != password  # a new one each launch
+
+
+def test_auth_is_parsed_and_validated():
+    assert resolve_auth(parse_args(["--auth", "me:a:b"])) == ("me", "a:b")
+    assert resolve_auth(parse_args([])) is None
+    with pytest.raises(SystemExit, match="USER:PASS"):
+        resolve_auth(parse_args(["--auth", "nopassword"]))
+
+
+def post(url: str, data: dict) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=urllib.parse.urlencode(data).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+@pytest.mark.slow
+def test_app_binds_localhost_and_requires_the_password(tmp_path):
+    with running_app(tmp_path / "ws", tmp_path / "app.log", "--auth", "me:secret-pass") as url:
+        port = urllib.parse.urlparse(url).port
+        listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+        assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url + "config", timeout=10)
+        assert err.value.code == 401
+        assert post(url + "login", {"username": "me", "password": "wrong"})[0] == 400
+        status, body = post(url + "login", {"username": "me", "password": "secret-pass"})
+        assert status == 200 and json.loads(body)["success"]
+    for folder in ("datasets", "outputs", "cache", "configs"):
+        assert (tmp_path / "ws" / folder).is_dir()
+
+
+def fetch_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+@pytest.mark.slow
+def test_browser_can_fetch_only_workspace_outputs_and_datasets(tmp_path):
+    workspace = tmp_path / "ws"
+    (workspace / "configs").mkdir(parents=True)
+    (workspace / "configs" / "private.toml").write_text("[model]\n")
+    (workspace / "outputs" / "run").mkdir(parents=True)
+    (workspace / "outputs" / "run" / "note.txt").write_text("hello")
+    (workspace / "datasets" / "d").mkdir(parents=True)
+    (workspace / "datasets" / "d" / "a.txt").write_text("caption")
+    with running_app(workspace, tmp_path / "app.log") as url:
+        file_url = url + "gradio_api/file="
+        assert fetch_status(file_url + str(workspace / "outputs" / "run" / "note.txt")) == 200
+        assert fetch_status(file_url + str(workspace / "datasets" / "d" / "a.txt")) == 200
+        for forbidden in ("/etc/passwd", str(workspace / "configs" / "private.toml"),
+                          str(workspace / "outputs" / ".." / "configs" / "private.toml")):
+            assert fetch_status(file_url + forbidden) in (403, 404), forbidden
