@@ -273,15 +273,38 @@ def build_form(values: dict[str, Any], base_options: list[str], target_options: 
     for section, title in SECTION_TITLES.items():
         specs = [s for s in field_specs() if s.section == section]
         with gr.Accordion(title, open=True):
-            for spec in (s for s in specs if not s.advanced):
-                components[spec.key] = make_component(spec, values[spec.key], base_options, target_options)
+            _rows([s for s in specs if not s.advanced], components, values, base_options, target_options)
             advanced = [s for s in specs if s.advanced]
             if advanced:
                 with gr.Accordion(f"Advanced {title.lower()} settings", open=False):
-                    for spec in advanced:
-                        components[spec.key] = make_component(spec, values[spec.key], base_options,
-                                                              target_options)
+                    _rows(advanced, components, values, base_options, target_options)
     return components
+
+
+FIELDS_PER_ROW = 3
+
+
+def _rows(specs: list[FieldSpec], components: dict, values: dict, base_options, target_options) -> None:
+    """Fields side by side, a few per row; multi-line fields get a row of their own."""
+    import gradio as gr
+
+    row: list[FieldSpec] = []
+    groups: list[list[FieldSpec]] = []
+    for spec in specs:
+        if spec.kind == "lines":
+            groups += [row, [spec]] if row else [[spec]]
+            row = []
+            continue
+        row.append(spec)
+        if len(row) == FIELDS_PER_ROW:
+            groups.append(row)
+            row = []
+    if row:
+        groups.append(row)
+    for group in groups:
+        with gr.Row(equal_height=True):
+            for spec in group:
+                components[spec.key] = make_component(spec, values[spec.key], base_options, target_options)
 
 
 def make_component(spec: FieldSpec, value: Any, base_options: list[str], target_options: list[str]):
