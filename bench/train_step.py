@@ -19,9 +19,9 @@ import time
 import torch
 
 from lora_gui.config import build_config
-from lora_gui.engine import lora as lora_files
 from lora_gui.engine.families.base import Components, Conditioning
 from lora_gui.engine.families.registry import get_family
+from lora_gui.engine.lora import inject_lora, lora_parameters
 from lora_gui.engine.optim import build_optimizer
 from lora_gui.engine.quantize import quantize_denoiser
 
@@ -85,12 +85,11 @@ def run(args) -> dict:
     quantize_denoiser(denoiser, config.model.quantize, device)
     modules = {family.denoiser_key: denoiser}
     torch.manual_seed(0)
-    lora_files.inject_lora(modules, {family.denoiser_key: family.lora_targets(config.lora.targets, denoiser)},
-                           config.lora)
+    inject_lora(modules, {family.denoiser_key: family.lora_targets(config.lora.targets, denoiser)}, config.lora)
     if config.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
-    params = lora_files.lora_parameters(modules)[family.denoiser_key]
+    params = lora_parameters(modules)[family.denoiser_key]
     optimizer = build_optimizer([{"params": params, "lr": config.train.learning_rate}], config.train)
     if components.scheduler is None:
         from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler

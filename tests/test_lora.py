@@ -11,6 +11,8 @@ torch = pytest.importorskip("torch")
 
 from lora_gui.config import LoraSection  # noqa: E402
 from lora_gui.engine import lora as L  # noqa: E402
+from lora_gui.engine import lora_files as LF  # noqa: E402
+from lora_gui.engine import lora_verify as LV  # noqa: E402
 from lora_gui.engine.families.builtin import ensure_builtin  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -105,8 +107,8 @@ def trained(case: Case, tmp_path, lora: LoraSection, targets: dict | None = None
     modules = modules_of(pipe, targets)
     L.inject_lora(modules, targets, lora)
     perturb(modules)
-    kohya, diffusers_file = L.save_lora_files(cls, modules, lora, tmp_path / "kohya.safetensors",
-                                              tmp_path / "diffusers", METADATA)
+    kohya, diffusers_file = LF.save_lora_files(cls, modules, lora, tmp_path / "kohya.safetensors",
+                                               tmp_path / "diffusers", METADATA)
     return cls, modules, kohya, diffusers_file
 
 
@@ -119,7 +121,7 @@ def test_both_files_reload_exactly_with_real_alpha(family, tmp_path):
 
     for path in (kohya, diffusers_file):
         _, pipe = load(case)
-        report = L.verify_lora_file(pipe, path, adapter_name="loaded", keep=True)
+        report = LV.verify_lora_file(pipe, path, adapter_name="loaded", keep=True)
         assert report.ok, report
         for key in modules:
             assert_same_outputs(expected[key], layer_outputs(getattr(pipe, key), "loaded"))
@@ -146,7 +148,7 @@ def test_kohya_key_names(tmp_path):
     flux_targets = {"transformer": ["ff.net.0.proj", "proj_mlp", "norm.linear", "x_embedder", "to_out.0"]}
     _, modules, kohya, _ = trained(CASES["flux"], tmp_path / "flux", lora, flux_targets)
     names = load_file(kohya)
-    for layer in L.lora_deltas(modules["transformer"], "default"):  # ComfyUI, Forge, diffusers: transformer.<path>
+    for layer in LV.lora_deltas(modules["transformer"], "default"):  # ComfyUI, Forge, diffusers: transformer.<path>
         assert f"transformer.{layer}.lora_A.weight" in names
         assert f"transformer.{layer}.lora_B.weight" in names
     assert names["transformer.single_transformer_blocks.0.proj_mlp.alpha"].item() == 2.0
@@ -165,10 +167,10 @@ def test_sdxl_text_encoder_prefixes(tmp_path):
 def test_metadata_in_both_files(tmp_path):
     _, _, kohya, diffusers_file = trained(CASES["sd15"], tmp_path, LoraSection(rank=4, alpha=2.0))
     for path in (kohya, diffusers_file):
-        metadata = L.read_lora_metadata(path)
+        metadata = LF.read_lora_metadata(path)
         assert {k: metadata[k] for k in METADATA} == METADATA
-    assert L.read_lora_metadata(kohya)["ss_network_alpha"] == "2"
-    adapter = json.loads(L.read_lora_metadata(diffusers_file)["lora_adapter_metadata"])
+    assert LF.read_lora_metadata(kohya)["ss_network_alpha"] == "2"
+    adapter = json.loads(LF.read_lora_metadata(diffusers_file)["lora_adapter_metadata"])
     assert adapter["unet.r"] == 4 and adapter["unet.lora_alpha"] == 2.0
     assert adapter["text_encoder.lora_alpha"] == 2.0
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.glob(".lora-save-*"))
@@ -230,7 +232,7 @@ def test_dora_with_dropout(tmp_path):
 
     expected = {key: layer_outputs(module, "default") for key, module in modules.items()}
     _, pipe = load(case)
-    assert L.verify_lora_file(pipe, diffusers_file, adapter_name="loaded", keep=True).ok
+    assert LV.verify_lora_file(pipe, diffusers_file, adapter_name="loaded", keep=True).ok
     for key in modules:
         assert_same_outputs(expected[key], layer_outputs(getattr(pipe, key), "loaded"))
 
@@ -258,11 +260,11 @@ def test_base_mutating_inits_save_a_lora_for_the_original_base(init, use_dora, t
     lora = LoraSection(rank=4, alpha=2.0, init=init, use_dora=use_dora)
     _, modules, kohya, diffusers_file = trained(case, tmp_path, lora, targets)
     expected = {key: layer_outputs(module, "default") for key, module in modules.items()}
-    assert L.read_lora_metadata(kohya)["ss_network_dim"] == "8"
+    assert LF.read_lora_metadata(kohya)["ss_network_dim"] == "8"
     # diffusers ignores dora_scale in kohya files, so DoRA is checked through the diffusers file only.
     for path in (diffusers_file,) if use_dora else (kohya, diffusers_file):
         _, pipe = load(case)  # untouched base weights
-        assert L.verify_lora_file(pipe, path, adapter_name="loaded", keep=True).ok
+        assert LV.verify_lora_file(pipe, path, adapter_name="loaded", keep=True).ok
         for key in modules:
             assert_same_outputs(expected[key], layer_outputs(getattr(pipe, key), "loaded"), atol=1e-4)
 
@@ -294,14 +296,14 @@ def test_refuses_bad_metadata_and_nan(tmp_path):
     cls, pipe = load(case)
     modules = {"unet": pipe.unet}
     L.inject_lora(modules, case.targets, lora)
-    save = lambda metadata: L.save_lora_files(  # noqa: E731
+    save = lambda metadata: LF.save_lora_files(  # noqa: E731
         cls, modules, lora, tmp_path / "k.safetensors", tmp_path / "d.safetensors", metadata)
     with pytest.raises(TypeError, match="str"):
         save({"steps": 10})
     with pytest.raises(L.LoraError, match="reserved"):
         save({"format": "pt"})
     with pytest.raises(L.LoraError, match="config now says"):
-        L.save_lora_files(cls, modules, LoraSection(rank=8), tmp_path / "k.safetensors", tmp_path / "d", {})
+        LF.save_lora_files(cls, modules, LoraSection(rank=8), tmp_path / "k.safetensors", tmp_path / "d", {})
     with torch.no_grad():
         L.lora_parameters(modules)["unet"][0].fill_(float("nan"))
     with pytest.raises(L.LoraError, match="NaN"):
@@ -318,12 +320,12 @@ def test_save_dtype_and_loader_message_classification(tmp_path):
     modules = {"unet": pipe.unet}
     L.inject_lora(modules, case.targets, lora)
     perturb(modules)
-    kohya, diffusers_file = L.save_lora_files(cls, modules, lora, tmp_path / "k.safetensors",
-                                              tmp_path / "d.safetensors", {}, dtype=torch.float16)
+    kohya, diffusers_file = LF.save_lora_files(cls, modules, lora, tmp_path / "k.safetensors",
+                                               tmp_path / "d.safetensors", {}, dtype=torch.float16)
     assert {t.dtype for n, t in load_file(kohya).items() if not n.endswith(".alpha")} == {torch.float16}
     assert {t.dtype for t in load_file(diffusers_file).values()} == {torch.float16}
 
-    assert not L._is_key_problem("No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'. "
-                                 "Open an issue if you think it's unexpected")
-    assert L._is_key_problem("CLIPTextModel LOAD REPORT\nq_proj.lora_magnitude_vector.x | UNEXPECTED")
-    assert L._is_key_problem("filter out the keys associated to 'dora_scale` from the state dict")
+    assert not LV._is_key_problem("No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'. "
+                                  "Open an issue if you think it's unexpected")
+    assert LV._is_key_problem("CLIPTextModel LOAD REPORT\nq_proj.lora_magnitude_vector.x | UNEXPECTED")
+    assert LV._is_key_problem("filter out the keys associated to 'dora_scale` from the state dict")

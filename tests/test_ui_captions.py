@@ -14,6 +14,8 @@ from tiny_captioners import build_tiny_blip
 
 from lora_gui.captioning import CaptionProgress, CaptionSummary
 from lora_gui.data.scan import read_caption
+from lora_gui.ui import caption_bulk_view as B
+from lora_gui.ui import caption_editor as E
 from lora_gui.ui import captions_view as V
 from lora_gui.ui.captions_view import CaptionsError
 from lora_gui.ui.session import AppSession
@@ -48,7 +50,8 @@ def captions(folder):
 
 
 def test_view_module_does_not_import_gradio():
-    code = "import sys, lora_gui.ui.captions_view as v; v.captioner_choices(); assert 'gradio' not in sys.modules"
+    code = ("import sys, lora_gui.ui.captions_view as v, lora_gui.ui.caption_common, lora_gui.ui.caption_editor, "
+            "lora_gui.ui.caption_bulk_view; v.captioner_choices(); assert 'gradio' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -156,20 +159,20 @@ def test_stop_ends_the_run_between_batches(session, dataset, monkeypatch):
 
 def test_editor_saves_edits_atomically_and_refuses_stale_ones(dataset):
     (dataset / "img5.txt").unlink()
-    rows, loaded, note = V.editor_rows(dataset)
+    rows, loaded, note = E.editor_rows(dataset)
     assert rows[0] == ["img0.png", "sks, a red square on white"] and rows[5] == ["img5.png", ""]
     assert note.startswith("6 image(s)")
     rows[0][1], rows[5][1] = "sks, a red square\r\n", "sks, orange dots"
     (dataset / "img1.txt").write_text("changed elsewhere", encoding="utf-8")
     rows[1][1] = "my edit"
-    edits = V.table_edits(rows, loaded)
+    edits = E.table_edits(rows, loaded)
     assert set(edits) == {"img0.png", "img1.png", "img5.png"}
-    result = V.save_edits(dataset, edits, loaded)
+    result = E.save_edits(dataset, edits, loaded)
     assert result.message().startswith("✅ Saved 2 caption(s).") and "`img1.png` changed on disk" in result.message()
-    rows, loaded = V.merge_saved(rows, loaded, result)
+    rows, loaded = E.merge_saved(rows, loaded, result)
     assert rows[0] == ["img0.png", "sks, a red square"] and rows[1] == ["img1.png", "my edit"]  # kept, unsaved
     assert loaded["img0.png"] == "sks, a red square" and loaded["img1.png"] == "sks, a blue circle"
-    assert V.table_edits(rows, loaded) == {"img1.png": "my edit"}
+    assert E.table_edits(rows, loaded) == {"img1.png": "my edit"}
     texts = captions(dataset)
     assert texts["img0"] == "sks, a red square" and texts["img5"] == "sks, orange dots"
     assert texts["img1"] == "changed elsewhere"
@@ -177,22 +180,22 @@ def test_editor_saves_edits_atomically_and_refuses_stale_ones(dataset):
 
 
 def test_editor_refuses_paths_outside_the_dataset(dataset, workspace, tmp_path):
-    _, loaded, _ = V.editor_rows(dataset)
+    _, loaded, _ = E.editor_rows(dataset)
     (tmp_path / "outside.png").write_bytes((dataset / "img0.png").read_bytes())
     (dataset / "link.png").symlink_to(tmp_path / "outside.png")
     (workspace.datasets / "other.png").write_bytes((dataset / "img0.png").read_bytes())
     for name in ["../other.png", str(tmp_path / "outside.png"), "link.png", "img0.txt", ".undo.png", "", None]:
         with pytest.raises(CaptionsError):
-            V.save_edits(dataset, {name: "x"}, {**loaded, name: ""})
+            E.save_edits(dataset, {name: "x"}, {**loaded, name: ""})
         with pytest.raises(CaptionsError):
-            V.preview_image(dataset, name)
+            E.preview_image(dataset, name)
     with pytest.raises(CaptionsError, match="not in the table as loaded"):
-        V.save_edits(dataset, {"img0.png": "x"}, {})
+        E.save_edits(dataset, {"img0.png": "x"}, {})
     with pytest.raises(CaptionsError, match="could not be read"):
-        V.table_edits([["img0.png"]], loaded)
+        E.table_edits([["img0.png"]], loaded)
     with pytest.raises(CaptionsError, match="outside the workspace"):
         V.resolve_folder(workspace, "../../etc")
-    assert not (workspace.datasets / "other.txt").exists() and V.preview_image(dataset, "img0.png").size == (64, 64)
+    assert not (workspace.datasets / "other.txt").exists() and E.preview_image(dataset, "img0.png").size == (64, 64)
 
 
 def test_symlinked_caption_outside_is_neither_read_nor_written(dataset, tmp_path):
@@ -200,10 +203,10 @@ def test_symlinked_caption_outside_is_neither_read_nor_written(dataset, tmp_path
     secret.write_text("secret", encoding="utf-8")
     (dataset / "img0.txt").unlink()
     (dataset / "img0.txt").symlink_to(secret)
-    rows, loaded, _ = V.editor_rows(dataset)
+    rows, loaded, _ = E.editor_rows(dataset)
     assert rows[0] == ["img0.png", ""]
     with pytest.raises(CaptionsError, match="outside the dataset folder"):
-        V.save_edits(dataset, {"img0.png": "x"}, loaded)
+        E.save_edits(dataset, {"img0.png": "x"}, loaded)
     assert secret.read_text() == "secret"
 
 
@@ -217,39 +220,39 @@ def bulk(**values):
 
 def test_bulk_preview_apply_undo(dataset):
     before = captions(dataset)
-    pending = V.preview_bulk(dataset, bulk(find="sks", replace="ohwx"))
-    rows, message = V.preview_rows(pending)
+    pending = B.preview_bulk(dataset, bulk(find="sks", replace="ohwx"))
+    rows, message = B.preview_rows(pending)
     assert rows[0] == ["img0.txt", "sks, a red square on white", "ohwx, a red square on white"]
     assert "changes 6 caption file(s)" in message and captions(dataset) == before  # nothing written
-    assert V.apply_bulk(pending, dataset).startswith("✅ Applied `replace 'sks' with 'ohwx'` to 6")
+    assert B.apply_bulk(pending, dataset).startswith("✅ Applied `replace 'sks' with 'ohwx'` to 6")
     assert captions(dataset)["img1"] == "ohwx, a blue circle"
-    assert "Last bulk edit here" in V.last_edit_note(dataset)
-    assert V.undo_bulk(dataset) == "↩️ Undid `replace 'sks' with 'ohwx'`: restored 6 caption file(s)."
-    assert captions(dataset) == before and V.last_edit_note(dataset).startswith("No bulk edit")
+    assert "Last bulk edit here" in B.last_edit_note(dataset)
+    assert B.undo_bulk(dataset) == "↩️ Undid `replace 'sks' with 'ohwx'`: restored 6 caption file(s)."
+    assert captions(dataset) == before and B.last_edit_note(dataset).startswith("No bulk edit")
     with pytest.raises(CaptionsError, match="Nothing to undo"):
-        V.undo_bulk(dataset)
+        B.undo_bulk(dataset)
 
 
 def test_bulk_tags_trigger_and_refusals(dataset, workspace):
     (dataset / "img5.txt").unlink()
-    pending = V.preview_bulk(dataset, bulk(operation="add_tag", tag="solo", position="start"))
-    assert len(pending.changes) == 6 and V.preview_rows(pending)[0][5][1] == "(no caption file yet)"
-    assert V.preview_bulk(dataset, bulk(operation="remove_tag", tag="SKS")).changes[0].after == "a red square on white"
-    assert len(V.preview_bulk(dataset, bulk(operation="trigger", trigger="sks")).changes) == 1
+    pending = B.preview_bulk(dataset, bulk(operation="add_tag", tag="solo", position="start"))
+    assert len(pending.changes) == 6 and B.preview_rows(pending)[0][5][1] == "(no caption file yet)"
+    assert B.preview_bulk(dataset, bulk(operation="remove_tag", tag="SKS")).changes[0].after == "a red square on white"
+    assert len(B.preview_bulk(dataset, bulk(operation="trigger", trigger="sks")).changes) == 1
     with pytest.raises(CaptionsError, match="not a valid regular expression"):
-        V.preview_bulk(dataset, bulk(find="(unclosed", regex=True))
+        B.preview_bulk(dataset, bulk(find="(unclosed", regex=True))
     for values, problem in [(bulk(operation="drop"), "Choose a bulk edit"), (bulk(), "Type the text to find"),
                             (bulk(operation="add_tag"), "Type the tag")]:
         with pytest.raises(CaptionsError, match=problem):
-            V.preview_bulk(dataset, values)
+            B.preview_bulk(dataset, values)
     with pytest.raises(CaptionsError, match="Press Preview first"):
-        V.apply_bulk(None, dataset)
+        B.apply_bulk(None, dataset)
     (workspace.datasets / "other").mkdir()
     with pytest.raises(CaptionsError, match="folder changed since the preview"):
-        V.apply_bulk(pending, workspace.datasets / "other")
+        B.apply_bulk(pending, workspace.datasets / "other")
     (dataset / "img1.txt").write_text("edited meanwhile", encoding="utf-8")
     with pytest.raises(CaptionsError, match="changed since the preview"):
-        V.apply_bulk(pending, dataset)
+        B.apply_bulk(pending, dataset)
 
 
 # ---------------------------------------------------------------------------- a real server

@@ -1,44 +1,19 @@
-"""LoRA adapters: inject into the denoiser and text encoders, save, resume and verify.
+"""LoRA adapters: inject into the denoiser and text encoders, train, checkpoint and resume.
 
-Two files come out of a run:
-
-- the kohya format (``lora_unet_*``, ``lora_te_*`` / ``lora_te1_*`` / ``lora_te2_*``,
-  ``lora_transformer_*`` with ``.lora_down`` / ``.lora_up`` / ``.alpha``), which ComfyUI,
-  A1111/Forge and diffusers' ``load_lora_weights`` read;
-- the diffusers format written by the pipeline class's ``save_lora_weights``, with the adapter
-  config in its metadata so an alpha different from the rank survives.
+Writing the adapter files is in ``lora_gui.engine.lora_files``; checking that a loader applies a
+written file is in ``lora_gui.engine.lora_verify``.
 
 PiSSA and OLoRA start from the largest directions of the base weights and subtract them from
-the base (``W_res = W - scale * B0 @ A0``). Their files are converted back to an ordinary LoRA
-on the untouched base, as peft does: ``A' = [A; A0]``, ``B' = [B, -B0]``, rank and alpha doubled
-(same scale). Inside this process the base stays ``W_res``, so switching the adapter off shows
+the base (``W_res = W - scale * B0 @ A0``). ``inject_lora`` keeps ``A0`` and ``B0`` on the module
+(``INITIAL_FACTORS_ATTR``) so the saved files can be converted back to an ordinary LoRA on the
+untouched base. Inside this process the base stays ``W_res``, so switching the adapter off shows
 ``W_res``, not the original model. Resuming re-injects (recomputing the same ``A0``, ``B0`` and
 ``W_res`` from the base, deterministically) and then loads the trained factors.
-
-DoRA: the diffusers file is exact in diffusers. The kohya file carries peft's magnitude as
-``dora_scale`` of shape ``(out, 1, ...)`` (output-axis DoRA, as LyCORIS ``wd_on_output`` writes it).
-diffusers drops ``dora_scale`` keys from kohya files; ComfyUI applies them but, until its
-output-axis fix lands, normalises by the base weight's norm instead of the adapted one (close
-to, not exactly, the trained result); A1111 only knows input-axis DoRA.
-
-Loader limits found with diffusers 0.42 / transformers 5 (``verify_lora_file`` reports them):
-diffusers reads ``lora_transformer_*`` Flux keys only for attention layers (ComfyUI reads all of
-them), so for Flux feed-forward/single-block targets use the diffusers file in diffusers.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
-import logging
-import os
-import re
-import shutil
-import tempfile
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -49,42 +24,12 @@ if TYPE_CHECKING:
 PEFT_INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 BASE_MUTATING_INITS = ("pissa", "olora")
 LORA_PARAM_MARKERS = ("lora_A", "lora_B", "lora_magnitude_vector")
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-# diffusers and safetensors own these metadata keys; the caller's metadata may not replace them.
-RESERVED_METADATA_KEYS = ("format", "lora_adapter_metadata")
 # Where inject_lora keeps PiSSA/OLoRA's starting factors on the module (not a buffer: never saved).
-_INITIAL_FACTORS_ATTR = "_lora_gui_initial_factors"
+INITIAL_FACTORS_ATTR = "_lora_gui_initial_factors"
 
 
 class LoraError(ValueError):
     """A LoRA problem a person can fix; the message says how."""
-
-
-@dataclass
-class ExportedAdapter:
-    """One module's adapter as it goes into files: peft keys without the adapter name."""
-
-    state: dict[str, torch.Tensor]
-    rank: int
-    alpha: float
-    use_dora: bool
-    target_modules: list[str]
-    text_model_prefix: str = ""  # "text_model." for CLIP text encoders whose module names lack it
-
-
-@dataclass
-class LoraFileReport:
-    """What happened when a LoRA file was loaded into a pipeline."""
-
-    path: str
-    file_tensors: int
-    file_layers: int
-    applied_layers: int
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems and self.applied_layers == self.file_layers
 
 
 # ----------------------------------------------------------------------------- inject
@@ -118,8 +63,8 @@ def inject_lora(
         _train_only_adapter(module, adapter_name)
         _keep_lora_in_fp32(module)
         if lora.init in BASE_MUTATING_INITS:
-            initial = getattr(module, _INITIAL_FACTORS_ATTR, {})
-            setattr(module, _INITIAL_FACTORS_ATTR, {**initial, adapter_name: _adapter_state(module, adapter_name)})
+            initial = getattr(module, INITIAL_FACTORS_ATTR, {})
+            setattr(module, INITIAL_FACTORS_ATTR, {**initial, adapter_name: adapter_state(module, adapter_name)})
 
 
 def _add_adapter(key: str, module: torch.nn.Module, config, adapter_name: str) -> None:
@@ -167,7 +112,8 @@ def lora_parameters(modules: Mapping[str, torch.nn.Module]) -> dict[str, list[to
 # ----------------------------------------------------------------------------- resume
 
 
-def _adapter_state(module: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+def adapter_state(module: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """One module's adapter weights under peft's keys (without the adapter name), as CPU copies."""
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(module, adapter_name=adapter_name)
@@ -178,7 +124,7 @@ def lora_state_dicts(
     modules: Mapping[str, torch.nn.Module], adapter_name: str = "default"
 ) -> dict[str, dict[str, torch.Tensor]]:
     """The adapter weights of every module (CPU copies), for checkpoints."""
-    return {key: _adapter_state(module, adapter_name) for key, module in modules.items()}
+    return {key: adapter_state(module, adapter_name) for key, module in modules.items()}
 
 
 def load_lora_state(
@@ -195,7 +141,7 @@ def load_lora_state(
             "Resume with the same lora.train_text_encoder setting, or start a new run."
         )
     for key, module in modules.items():
-        expected = _adapter_state(module, adapter_name)
+        expected = adapter_state(module, adapter_name)
         _check_same_layout(key, expected, state[key])
         result = set_peft_model_state_dict(module, dict(state[key]), adapter_name=adapter_name)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if _is_lora_param(k, adapter_name)]
@@ -218,393 +164,3 @@ def _check_same_layout(key: str, expected: Mapping[str, Any], given: Mapping[str
             "lora.rank / lora.targets / lora.use_dora settings or another base model: resume with those, "
             "or start a new run."
         )
-
-
-# ----------------------------------------------------------------------------- export
-
-
-def export_adapters(
-    modules: Mapping[str, torch.nn.Module], adapter_name: str = "default", dtype: torch.dtype | None = None
-) -> dict[str, ExportedAdapter]:
-    """Each module's adapter as an ordinary LoRA on the original base (PiSSA/OLoRA converted)."""
-    return {key: _export_adapter(key, module, adapter_name, dtype) for key, module in modules.items()}
-
-
-def _export_adapter(key: str, module: torch.nn.Module, adapter_name: str, dtype) -> ExportedAdapter:
-    import torch
-
-    config = module.peft_config[adapter_name]
-    state = _adapter_state(module, adapter_name)
-    rank, alpha = int(config.r), float(config.lora_alpha)
-    if config.rank_pattern or config.alpha_pattern or config.use_rslora:
-        raise LoraError(f"{key}: per-layer ranks/alphas and rsLoRA cannot be written to a kohya file.")
-    if isinstance(config.init_lora_weights, str) and config.init_lora_weights in BASE_MUTATING_INITS:
-        state = _undo_base_mutation(key, module, state, adapter_name)
-        rank, alpha = 2 * rank, 2 * alpha
-    bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
-    if bad:
-        raise LoraError(
-            f"{key}: the LoRA weights contain NaN or Inf ({bad[0]} ...), so they were not saved. "
-            "Resume from an earlier checkpoint with a lower learning rate."
-        )
-    if dtype is not None:
-        state = {name: tensor.to(dtype) for name, tensor in state.items()}
-    return ExportedAdapter(
-        state=state,
-        rank=rank,
-        alpha=alpha,
-        use_dora=bool(config.use_dora),
-        target_modules=sorted(config.target_modules) if not isinstance(config.target_modules, str)
-        else [config.target_modules],
-        text_model_prefix=_text_model_prefix(module, state),
-    )
-
-
-def _undo_base_mutation(key: str, module, state: dict, adapter_name: str) -> dict:
-    """PiSSA/OLoRA to plain LoRA: delta = s(BA - B0A0) = s [B, -B0] @ [A; A0]."""
-    import torch
-
-    initial = getattr(module, _INITIAL_FACTORS_ATTR, {}).get(adapter_name)
-    if initial is None:
-        raise LoraError(
-            f"{key}: this PiSSA/OLoRA adapter was not created by inject_lora, so its starting weights are "
-            "unknown and it cannot be saved as a LoRA for the original model."
-        )
-    converted = {}
-    for name, tensor in state.items():
-        if ".lora_A." in name:
-            converted[name] = torch.cat([tensor, initial[name].to(tensor.dtype)], dim=0)
-        elif ".lora_B." in name:
-            converted[name] = torch.cat([tensor, -initial[name].to(tensor.dtype)], dim=1)
-        else:  # DoRA magnitude: the adapted weight is the same, so it is too
-            converted[name] = tensor
-    return converted
-
-
-def _text_model_prefix(module, state: Mapping[str, Any]) -> str:
-    """Kohya names CLIP layers text_model.encoder...; recent transformers dropped text_model."""
-    is_clip = type(module).__name__.startswith("CLIPText")
-    if is_clip and not any(name.startswith("text_model.") for name in state):
-        return "text_model."
-    return ""
-
-
-# ----------------------------------------------------------------------------- kohya format
-
-
-def kohya_prefix(module_key: str, pipeline_class: type) -> str:
-    if module_key == "unet":
-        return "lora_unet_"
-    if module_key == "transformer":
-        return "lora_transformer_"
-    if module_key == "text_encoder":
-        two_encoders = "text_encoder_2" in inspect.signature(pipeline_class.__init__).parameters
-        return "lora_te1_" if two_encoders else "lora_te_"
-    if module_key == "text_encoder_2":
-        return "lora_te2_"
-    raise LoraError(f"No kohya LoRA name is known for the module {module_key!r}.")
-
-
-def kohya_state_dict(exported: Mapping[str, ExportedAdapter], pipeline_class: type) -> dict[str, torch.Tensor]:
-    """The single file for ComfyUI/A1111/Forge: kohya names for UNet models, alpha-carrying diffusers names for Flux.
-
-    diffusers reads ``lora_transformer_*`` Flux keys only for attention layers, while ComfyUI, Forge and
-    diffusers all read ``transformer.<module>.lora_A/lora_B`` with a ``.alpha`` beside them, at any model size.
-    """
-    if "transformer" in exported:
-        return _alpha_diffusers_state_dict(exported)
-    import torch
-
-    tensors: dict[str, torch.Tensor] = {}
-    for key, adapter in exported.items():
-        prefix = kohya_prefix(key, pipeline_class)
-        for name, tensor in adapter.state.items():
-            module_path, kind = _split_peft_key(name)
-            kohya_name = prefix + (adapter.text_model_prefix + module_path).replace(".", "_")
-            if kind == "lora_A":
-                tensors[f"{kohya_name}.lora_down.weight"] = tensor.contiguous()
-                tensors[f"{kohya_name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
-            elif kind == "lora_B":
-                tensors[f"{kohya_name}.lora_up.weight"] = tensor.contiguous()
-            else:
-                tensors[f"{kohya_name}.dora_scale"] = _output_axis_dora_scale(tensor)
-    return tensors
-
-
-def _alpha_diffusers_state_dict(exported: Mapping[str, ExportedAdapter]) -> dict[str, torch.Tensor]:
-    import torch
-
-    tensors: dict[str, torch.Tensor] = {}
-    for key, adapter in exported.items():
-        for name, tensor in adapter.state.items():
-            module_path, kind = _split_peft_key(name)
-            full_name = f"{key}.{adapter.text_model_prefix}{module_path}"
-            if kind == "lora_A":
-                tensors[f"{full_name}.lora_A.weight"] = tensor.contiguous()
-                tensors[f"{full_name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
-            elif kind == "lora_B":
-                tensors[f"{full_name}.lora_B.weight"] = tensor.contiguous()
-            else:
-                tensors[f"{full_name}.dora_scale"] = _output_axis_dora_scale(tensor)
-    return tensors
-
-
-def _split_peft_key(name: str) -> tuple[str, str]:
-    for kind in LORA_PARAM_MARKERS:
-        marker = f".{kind}"
-        if marker in name:
-            return name.split(marker)[0], kind
-    raise LoraError(f"Unexpected LoRA tensor {name!r}: only lora_A, lora_B and DoRA magnitudes can be saved.")
-
-
-def _output_axis_dora_scale(magnitude: torch.Tensor) -> torch.Tensor:
-    """peft keeps (out,) for Linear and (1, out, 1, 1) for Conv; kohya/LyCORIS use (out, 1, ...)."""
-    out_features = magnitude.numel()
-    trailing = max(magnitude.dim() - 1, 1)
-    return magnitude.reshape(out_features, *([1] * trailing)).contiguous()
-
-
-def _kohya_metadata(exported: Mapping[str, ExportedAdapter], metadata: Mapping[str, str]) -> dict[str, str]:
-    first = next(iter(exported.values()))
-    info = {
-        "ss_network_module": "lycoris.kohya" if first.use_dora else "networks.lora",
-        "ss_network_dim": str(first.rank),
-        "ss_network_alpha": f"{first.alpha:g}",
-    }
-    if first.use_dora:
-        info["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
-    return {**info, **metadata}
-
-
-# ----------------------------------------------------------------------------- diffusers format
-
-
-def diffusers_adapter_metadata(adapter: ExportedAdapter) -> dict[str, Any]:
-    """The LoraConfig diffusers rebuilds on load; init is plain so loading never touches the base."""
-    return {
-        "r": adapter.rank,
-        "lora_alpha": adapter.alpha,
-        "target_modules": adapter.target_modules,
-        "use_dora": adapter.use_dora,
-        "init_lora_weights": True,
-        "lora_bias": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-
-
-def _diffusers_save_kwargs(exported: Mapping[str, ExportedAdapter], pipeline_class: type) -> dict[str, Any]:
-    accepted = inspect.signature(pipeline_class.save_lora_weights).parameters
-    kwargs: dict[str, Any] = {}
-    for key, adapter in exported.items():
-        if f"{key}_lora_layers" not in accepted:
-            raise LoraError(f"{pipeline_class.__name__} cannot save a LoRA for {key}; turn off its LoRA training.")
-        kwargs[f"{key}_lora_layers"] = _diffusers_layers(key, adapter)
-        kwargs[f"{key}_lora_adapter_metadata"] = diffusers_adapter_metadata(adapter)
-    return kwargs
-
-
-def _diffusers_layers(key: str, adapter: ExportedAdapter) -> dict[str, torch.Tensor]:
-    """peft's keys; text encoders get the classic ``text_model.`` layout (older diffusers, ComfyUI).
-
-    Text-encoder DoRA magnitudes are written as ``lora_magnitude_vector.weight``: transformers 5 maps
-    plain ``lora_magnitude_vector`` to a name that does not exist and silently drops it, and peft's own
-    loader reads both spellings.
-    """
-    if key in ("unet", "transformer"):
-        return dict(adapter.state)
-    layers = {}
-    for name, tensor in adapter.state.items():
-        if name.endswith(".lora_magnitude_vector"):
-            name += ".weight"
-        layers[adapter.text_model_prefix + name] = tensor
-    return layers
-
-
-def write_diffusers_file(
-    exported: Mapping[str, ExportedAdapter], pipeline_class: type, path: Path, metadata: Mapping[str, str]
-) -> None:
-    """``save_lora_weights`` into a scratch folder, then add our metadata and move it into place."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".lora-save-", dir=path.parent))
-    try:
-        pipeline_class.save_lora_weights(
-            scratch, weight_name=DIFFUSERS_WEIGHT_NAME, **_diffusers_save_kwargs(exported, pipeline_class)
-        )
-        written = scratch / DIFFUSERS_WEIGHT_NAME
-        with safe_open(str(written), framework="pt") as handle:
-            own_metadata = handle.metadata() or {}
-        _atomic_save(load_file(str(written)), path, {**metadata, **own_metadata})
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- saving
-
-
-def save_lora_files(
-    pipeline_class: type,
-    modules: Mapping[str, torch.nn.Module],
-    lora_cfg: LoraSection,
-    kohya_path: str | os.PathLike,
-    diffusers_path: str | os.PathLike,
-    metadata: Mapping[str, str],
-    adapter_name: str = "default",
-    dtype: torch.dtype | None = None,
-) -> tuple[Path, Path]:
-    """Write the kohya/ComfyUI/A1111 file and the diffusers file, each atomically.
-
-    ``diffusers_path`` is a ``.safetensors`` file or a folder (then ``pytorch_lora_weights.safetensors``
-    inside it). ``dtype`` converts the saved weights (e.g. torch.float16); None keeps them as trained.
-    """
-    _check_metadata(metadata)
-    if not modules:
-        raise LoraError("There is no LoRA to save: no module was given.")
-    _check_matches_config(modules, lora_cfg, adapter_name)
-    exported = export_adapters(modules, adapter_name, dtype)
-    kohya_file = Path(kohya_path)
-    diffusers_file = Path(diffusers_path)
-    if diffusers_file.suffix != ".safetensors":
-        diffusers_file = diffusers_file / DIFFUSERS_WEIGHT_NAME
-    _atomic_save(kohya_state_dict(exported, pipeline_class), kohya_file, _kohya_metadata(exported, metadata))
-    write_diffusers_file(exported, pipeline_class, diffusers_file, metadata)
-    return kohya_file, diffusers_file
-
-
-def _check_metadata(metadata: Mapping[str, str]) -> None:
-    not_text = [key for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str)]
-    if not_text:
-        raise TypeError(f"LoRA file metadata must map strings to strings; convert {not_text} with str() first.")
-    reserved = [key for key in metadata if key in RESERVED_METADATA_KEYS]
-    if reserved:
-        raise LoraError(f"The metadata keys {reserved} are reserved by safetensors/diffusers; rename them.")
-
-
-def _check_matches_config(modules, lora_cfg: LoraSection, adapter_name: str) -> None:
-    for key, module in modules.items():
-        config = module.peft_config[adapter_name]
-        if (config.r, float(config.lora_alpha), bool(config.use_dora)) != (
-            lora_cfg.rank, float(lora_cfg.alpha), lora_cfg.use_dora
-        ):
-            raise LoraError(
-                f"{key}: the adapter was injected with rank {config.r}, alpha {config.lora_alpha}, "
-                f"DoRA {config.use_dora}, but the config now says rank {lora_cfg.rank}, alpha {lora_cfg.alpha}, "
-                f"DoRA {lora_cfg.use_dora}; save with the config the run was started with."
-            )
-
-
-def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata=dict(metadata))
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def read_lora_metadata(path: str | os.PathLike) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
-# ----------------------------------------------------------------------------- checking
-
-
-def lora_deltas(module: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """``scale * B @ A`` per adapted layer (the low-rank update, without DoRA's rescaling)."""
-    from peft.tuners.lora import LoraLayer
-
-    deltas = {}
-    for name, layer in module.named_modules():
-        if isinstance(layer, LoraLayer) and adapter_name in layer.lora_A:
-            down = layer.lora_A[adapter_name].weight.detach().float()
-            up = layer.lora_B[adapter_name].weight.detach().float()
-            delta = up.flatten(1) @ down.flatten(1)
-            shape = layer.get_base_layer().weight.shape
-            deltas[name] = (layer.scaling[adapter_name] * delta).reshape(shape)
-    return deltas
-
-
-class _CollectLogs(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()))  # no terminal colours
-
-
-def _file_layers(path: str | os.PathLike) -> tuple[int, int]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        names = list(handle.keys())
-    downs = [n for n in names if n.endswith((".lora_down.weight", ".lora_A.weight"))]
-    return len(names), len(downs)
-
-
-def verify_lora_file(pipeline: Any, path: str | os.PathLike, adapter_name: str = "verify",
-                     keep: bool = False) -> LoraFileReport:
-    """Load a LoRA file into ``pipeline`` and report whether every layer in it was applied.
-
-    The adapter is removed again unless ``keep``; a loader failure becomes a problem in the report.
-    """
-    file_tensors, file_layers = _file_layers(path)
-    messages, problems = _load_collecting_messages(pipeline, path, adapter_name)
-    problems += [m for m in messages if _is_key_problem(m)]
-    applied = _applied_layers(pipeline, adapter_name)
-    if applied and not keep:
-        pipeline.delete_adapters(adapter_name)
-    return LoraFileReport(str(path), file_tensors, file_layers, applied, problems)
-
-
-def _load_collecting_messages(pipeline: Any, path, adapter_name: str) -> tuple[list[str], list[str]]:
-    handler = _CollectLogs()
-    loggers = [logging.getLogger("diffusers"), logging.getLogger("transformers")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    failures: list[str] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                pipeline.load_lora_weights(str(path), adapter_name=adapter_name)
-            except Exception as exc:  # the loader's failure is the finding
-                failures.append(f"load_lora_weights failed ({type(exc).__name__}: {exc})")
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
-    return handler.messages + [str(w.message) for w in caught], failures
-
-
-def _is_key_problem(message: str) -> bool:
-    """Loader messages that mean tensors in the file were not applied (the rest are informational)."""
-    text = message.lower()
-    if text.startswith("no lora keys associated"):  # a component the file has no layers for
-        return False
-    unmatched = "lora" in text and ("unexpected" in text or "missing" in text)
-    return unmatched or "dora_scale" in text or "not been correctly renamed" in text
-
-
-def _applied_layers(pipeline: Any, adapter_name: str) -> int:
-    from peft.tuners.lora import LoraLayer
-
-    return sum(
-        1
-        for component in _lora_components(pipeline)
-        for layer in component.modules()
-        if isinstance(layer, LoraLayer) and adapter_name in layer.lora_A
-    )
-
-
-def _lora_components(pipeline: Any) -> list[torch.nn.Module]:
-    names = getattr(pipeline, "_lora_loadable_modules", [])
-    return [getattr(pipeline, name) for name in names if getattr(pipeline, name, None) is not None]

@@ -16,7 +16,6 @@ import torch
 from lora_gui.captioning import unload_all_captioners
 from lora_gui.config import TrainingConfig, save_config
 from lora_gui.engine import checkpoint as ckpt
-from lora_gui.engine import lora as lora_files
 from lora_gui.engine.devices import (
     autocast_context,
     free_accelerator_memory,
@@ -25,6 +24,8 @@ from lora_gui.engine.devices import (
 )
 from lora_gui.engine.errors import NonFiniteLoss, TrainingError, explain
 from lora_gui.engine.families.registry import get_family
+from lora_gui.engine.lora import inject_lora, load_lora_state, lora_parameters, lora_state_dicts
+from lora_gui.engine.lora_files import save_lora_files
 from lora_gui.engine.metrics import MetricsLog
 from lora_gui.engine.optim import build_lr_scheduler, build_optimizer, current_lr
 from lora_gui.engine.quantize import quantize_denoiser
@@ -243,7 +244,7 @@ class TrainingRun:
             for key in self.lora_modules
         }
         torch.manual_seed(self.config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
-        lora_files.inject_lora(self.lora_modules, targets, lora)
+        inject_lora(self.lora_modules, targets, lora)
         if self.config.train.gradient_checkpointing:
             self.enable_gradient_checkpointing()
         for module in self.lora_modules.values():
@@ -258,7 +259,7 @@ class TrainingRun:
 
     def build_optimization(self) -> None:
         train, lora = self.config.train, self.config.lora
-        params = lora_files.lora_parameters(self.lora_modules)
+        params = lora_parameters(self.lora_modules)
         groups = [{"params": params[self.family.denoiser_key], "lr": train.learning_rate}]
         for key, group in params.items():
             if key != self.family.denoiser_key and group:
@@ -275,7 +276,7 @@ class TrainingRun:
         training_state = ckpt.make_training_state(
             self.optimizer, self.lr_scheduler, self.scaler,
             rng=ckpt.capture_rng_state({"noise": self.noise_generator}),
-            lora=lora_files.lora_state_dicts(self.lora_modules),
+            lora=lora_state_dicts(self.lora_modules),
         )
         path = ckpt.save_checkpoint(
             self.output_dir,
@@ -292,7 +293,7 @@ class TrainingRun:
 
     def restore(self, folder: Path, progress: dict) -> None:
         _, state = ckpt.load_checkpoint(folder)
-        lora_files.load_lora_state(self.lora_modules, state["extra"]["lora"])
+        load_lora_state(self.lora_modules, state["extra"]["lora"])
         ckpt.restore_training_state(state, self.optimizer, self.lr_scheduler, self.scaler)
         missing = ckpt.restore_rng_state(state["rng"], {"noise": self.noise_generator})
         if missing:
@@ -320,7 +321,7 @@ class TrainingRun:
 
     def write_lora(self, kohya_path: Path) -> tuple[Path, Path]:
         diffusers_path = kohya_path.with_name(kohya_path.stem + ".diffusers.safetensors")
-        lora_files.save_lora_files(
+        save_lora_files(
             self.family.pipeline_class(), self.lora_modules, self.config.lora, kohya_path, diffusers_path,
             self.metadata(),
         )
