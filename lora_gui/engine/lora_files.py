@@ -149,40 +149,31 @@ def kohya_state_dict(exported: Mapping[str, ExportedAdapter], pipeline_class: ty
     diffusers all read ``transformer.<module>.lora_A/lora_B`` with a ``.alpha`` beside them, at any model size.
     """
     if "transformer" in exported:
-        return _alpha_diffusers_state_dict(exported)
-    import torch
-
-    tensors: dict[str, torch.Tensor] = {}
-    for key, adapter in exported.items():
-        prefix = kohya_prefix(key, pipeline_class)
-        for name, tensor in adapter.state.items():
-            module_path, kind = _split_peft_key(name)
-            kohya_name = prefix + (adapter.text_model_prefix + module_path).replace(".", "_")
-            if kind == "lora_A":
-                tensors[f"{kohya_name}.lora_down.weight"] = tensor.contiguous()
-                tensors[f"{kohya_name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
-            elif kind == "lora_B":
-                tensors[f"{kohya_name}.lora_up.weight"] = tensor.contiguous()
-            else:
-                tensors[f"{kohya_name}.dora_scale"] = _output_axis_dora_scale(tensor)
-    return tensors
+        return _named_state_dict(exported, lambda key, path: f"{key}.{path}", _DIFFUSERS_SUFFIXES)
+    return _named_state_dict(
+        exported, lambda key, path: kohya_prefix(key, pipeline_class) + path.replace(".", "_"), _KOHYA_SUFFIXES
+    )
 
 
-def _alpha_diffusers_state_dict(exported: Mapping[str, ExportedAdapter]) -> dict[str, torch.Tensor]:
+_KOHYA_SUFFIXES = {"lora_A": ".lora_down.weight", "lora_B": ".lora_up.weight"}
+_DIFFUSERS_SUFFIXES = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
+
+
+def _named_state_dict(exported: Mapping[str, ExportedAdapter], layer_name, suffixes: dict[str, str]):
+    """Every adapter tensor under ``layer_name(module_key, layer_path)`` plus a suffix, with an alpha per layer."""
     import torch
 
     tensors: dict[str, torch.Tensor] = {}
     for key, adapter in exported.items():
         for name, tensor in adapter.state.items():
             module_path, kind = _split_peft_key(name)
-            full_name = f"{key}.{adapter.text_model_prefix}{module_path}"
-            if kind == "lora_A":
-                tensors[f"{full_name}.lora_A.weight"] = tensor.contiguous()
-                tensors[f"{full_name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
-            elif kind == "lora_B":
-                tensors[f"{full_name}.lora_B.weight"] = tensor.contiguous()
+            layer = layer_name(key, adapter.text_model_prefix + module_path)
+            if kind in suffixes:
+                tensors[layer + suffixes[kind]] = tensor.contiguous()
             else:
-                tensors[f"{full_name}.dora_scale"] = _output_axis_dora_scale(tensor)
+                tensors[f"{layer}.dora_scale"] = _output_axis_dora_scale(tensor)
+            if kind == "lora_A":
+                tensors[f"{layer}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
     return tensors
 
 
