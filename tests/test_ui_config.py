@@ -10,6 +10,7 @@ import pytest
 from lora_gui.config import ConfigError, TrainingConfig, build_config, parse_override
 from lora_gui.ui import forms
 from lora_gui.ui import presets as P
+from lora_gui.ui.guard import message_guard
 from lora_gui.ui.session import AppSession, GpuInfo
 from lora_gui.ui.tabs import config as config_tab
 from lora_gui.ui.workspace import Workspace
@@ -198,7 +199,7 @@ def test_panel_texts_report_problems_instead_of_raising(workspace):
 def test_guarded_handlers_turn_exceptions_into_messages():
     status = object()
 
-    @config_tab.guarded(status)
+    @message_guard(status, (ValueError,), "Please report it.")
     def broken(values):
         raise RuntimeError("boom")
 

@@ -9,16 +9,15 @@ captioner needs no GPU and always works).
 from __future__ import annotations
 
 import functools
-import logging
 
 import gradio as gr
 from gradio.context import Context
 
 from lora_gui.ui import captions_view as V
 from lora_gui.ui.captions_view import CaptionsError
+from lora_gui.ui.guard import message_guard
 from lora_gui.ui.session import AppSession
 
-log = logging.getLogger(__name__)
 INTRO = ("Caption the dataset chosen on the **Dataset** tab with a captioning model, then fix any caption by hand "
          "or change many at once. Captions are the `.txt` files beside the images.")
 MODEL_INFO = ("A Hugging Face id (owner/name, downloaded once into the workspace cache) or a folder inside the "
@@ -160,7 +159,9 @@ def build(session: AppSession, dataset_tab) -> None:
         return {**editor(root), changes: [], pending: None, bulk_message: message}
 
     editor_outputs = [table, loaded, editor_message, folder_note, bulk_message, shown]
-    run_guard, editor_guard, bulk_guard = _guarded(run_message), _guarded(editor_message), _guarded(bulk_message)
+    advice = "Check the dataset folder and its files, then try again."
+    run_guard, editor_guard, bulk_guard = (message_guard(m, (CaptionsError,), advice)
+                                           for m in (run_message, editor_message, bulk_message))
     captioner.input(on_captioner, captioner, [model, template, threshold], api_visibility="private")
     dataset_tab.trigger.change(lambda word: word, dataset_tab.trigger, trigger, api_visibility="private")
     run.click(run_guard(on_run), {folder, *form.values()}, [*editor_outputs, run_message], api_name="captions_run",
@@ -194,23 +195,3 @@ def _show_progress(progress, event) -> None:
 
 def _folder_text(workspace, root) -> str:
     return f"Dataset folder: {V.md_code(workspace.relative(root))} (choose another on the Dataset tab)."
-
-
-def _guarded(message: gr.Markdown):
-    """Handlers' problems become a message in the tab; nothing else changes."""
-
-    def wrap(handler):
-        @functools.wraps(handler)  # keeps the signature: gradio finds gr.Progress and SelectData through it
-        def guarded(*args, **kwargs):
-            try:
-                return handler(*args, **kwargs)
-            except CaptionsError as exc:
-                return {message: f"⚠️ {exc}"}
-            except Exception as exc:  # a bug must not show a traceback: say what happened, keep the app alive
-                log.exception("Captions tab handler failed")
-                return {message: f"⚠️ That failed ({type(exc).__name__}: {exc}). Check the dataset folder and "
-                                 "its files, then try again."}
-
-        return guarded
-
-    return wrap

@@ -6,8 +6,6 @@ everything on the server; problems come back as messages naming the key, never a
 
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +15,10 @@ import gradio as gr
 from lora_gui.config import FAMILIES, ConfigError, TrainingConfig, validate_config
 from lora_gui.ui import forms
 from lora_gui.ui import presets as P
+from lora_gui.ui.guard import message_guard
 from lora_gui.ui.session import AppSession, GpuInfo
 from lora_gui.ui.workspace import OutsideWorkspace, Workspace, safe_folder_name
 
-log = logging.getLogger(__name__)
 INTRO = ("Pick the VRAM preset for your GPU and click **Apply preset**, then adjust the form. "
          "Hover a field's label for what it does; rarely changed fields are under *Advanced*.")
 
@@ -97,23 +95,6 @@ def panel_texts(form: dict[str, Any], tier: Any, saved: Any, workspace: Workspac
     saved_path = Path(saved) if isinstance(saved, str) and P.same_config_file(Path(saved), config) else None
     texts["cli"] = P.cli_command(config, saved_path)
     return texts
-
-
-def guarded(status: gr.components.Component):
-    """Turn any exception of a handler into a message in ``status`` (never a raw traceback)."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def handler(*args):
-            try:
-                return fn(*args)
-            except (ConfigError, OutsideWorkspace) as exc:
-                return {status: f"❌ {exc}"}
-            except Exception as exc:
-                log.exception("Config tab handler %s failed", fn.__name__)
-                return {status: f"❌ Unexpected error ({type(exc).__name__}: {exc}). The details are in "
-                                "the terminal that runs the app; please report them."}
-        return handler
-    return wrap
 
 
 @dataclass
@@ -204,6 +185,10 @@ class Handlers:
         self.workspace = tab.workspace
         self.c = tab.components
         w = widgets
+        def guarded(status):
+            return message_guard(status, (ConfigError, OutsideWorkspace), "The details are in the terminal that "
+                                 "runs the app; please report them.", symbol="❌")
+
         self.refresh = guarded(w.validate)(self.refresh)
         self.apply = guarded(w.applied)(self.apply)
         self.change_family = guarded(w.validate)(self.change_family)

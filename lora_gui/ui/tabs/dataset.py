@@ -7,9 +7,7 @@ come back as messages in the tab, never as tracebacks.
 
 from __future__ import annotations
 
-import functools
 import glob
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +18,9 @@ import pandas as pd
 from lora_gui.data.doctor import check_dataset
 from lora_gui.ui import dataset_view as V
 from lora_gui.ui.dataset_view import DatasetViewError
+from lora_gui.ui.guard import message_guard
 from lora_gui.ui.session import AppSession
 
-log = logging.getLogger(__name__)
 INTRO = ("Pick a dataset folder (or create the built-in sample with one click), look through the images and "
          "captions, then click **Check dataset** to see what the trainer will make of every file.")
 NOT_CHECKED = "Click **Check dataset** to see the report: problems per file, buckets and trigger coverage."
@@ -129,7 +127,7 @@ def build(session: AppSession) -> DatasetTab:
         return checked(V.resolve_dataset(workspace, text), word, size, progress)
 
     everything = [folder, trigger, existing, uploads, message, gallery, summary, histogram, table, shown]
-    guard = _guarded(message)
+    guard = message_guard(message, (DatasetViewError,), "Check the folder and its files, then try again.")
     gr.on([folder.submit, folder.blur], guard(on_typed), [folder, shown], everything, api_name="dataset_show",
           trigger_mode="always_last")
     existing.input(guard(on_pick), existing, everything, api_name="dataset_pick")
@@ -173,23 +171,3 @@ def _reporter(progress, verb: str) -> Callable[[int, int], None] | None:
         progress(done / total if total else 1.0, desc=f"{verb} {done} of {total} images")
 
     return report
-
-
-def _guarded(message: gr.Markdown):
-    """Handlers' problems become a message in the tab; nothing else changes."""
-
-    def wrap(handler):
-        @functools.wraps(handler)  # keeps the signature: gradio finds gr.Progress through it
-        def guarded(*args, **kwargs):
-            try:
-                return handler(*args, **kwargs)
-            except DatasetViewError as exc:
-                return {message: f"⚠️ {exc}"}
-            except Exception as exc:  # a bug must not show a traceback: say what happened, keep the app alive
-                log.exception("Dataset tab handler failed")
-                return {message: f"⚠️ That failed ({type(exc).__name__}: {exc}). Check the folder and its "
-                                 "files, then try again."}
-
-        return guarded
-
-    return wrap
