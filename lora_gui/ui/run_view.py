@@ -117,7 +117,9 @@ def loss_frame(losses: Sequence[tuple[int, float, float]], limit: int = PLOT_POI
     smooth = smoothed(raw)
     keep = _thin(len(steps), limit)
     rows = [(steps[i], raw[i], "raw") for i in keep] + [(steps[i], smooth[i], "smoothed") for i in keep]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
+    # object, not pandas 3's string dtype, which the plot cannot colour by
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64",
+                                                                          "series": "object"})
 
 
 def lr_frame(losses: Sequence[tuple[int, float, float]], limit: int = PLOT_POINTS):

@@ -187,7 +187,10 @@ def poll(session, last_keys: dict | None) -> tuple[dict, dict]:
         panels["status"] = run_view.status_markdown(snap)
         panels["memory"] = run_view.memory_text(_memory_report())
     if "plots" in changed:
-        panels["loss"], panels["lr"] = run_view.loss_frame(snap.losses), run_view.lr_frame(snap.losses)
+        # An empty table would fix the plot's colour legend to nothing for good: send no value instead.
+        has_data = bool(snap.losses)
+        panels["loss"] = run_view.loss_frame(snap.losses) if has_data else None
+        panels["lr"] = run_view.lr_frame(snap.losses) if has_data else None
     if "samples" in changed:
         panels["gallery"] = (run_view.gallery_items(snap.samples), run_view.gallery_columns(snap.samples))
     if "log" in changed:
@@ -246,10 +249,11 @@ def build(session, config_tab) -> None:
     status = gr.Markdown("**Idle**", elem_classes=["lg-status"])
     memory = gr.Markdown(elem_classes=["lg-small"])
     with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss (raw and smoothed)", height=260)
+        loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss (raw and smoothed)", height=260,
+                                color_map={"raw": "#a5b4fc", "smoothed": "#3730a3"}, elem_id="lg-loss-plot")
         lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=260)
     gallery = gr.Gallery(label="Validation images: one row per step, newest first", columns=2, height=520,
-                         object_fit="contain")
+                         object_fit="contain", elem_id="lg-validation-gallery")
     log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, autoscroll=True)
     keys = gr.State({})
     timer = gr.Timer(1.0)

@@ -1,0 +1,152 @@
+"""The whole workflow in a real browser: Debian's Chromium driven by Playwright against `python app.py`.
+
+Sample dataset → doctor → template captions → CPU preset with a built-in tiny model → a few training
+steps with sampling → stop → a 2x2 checkpoint x scale grid on the Test tab. A screenshot of each step
+is kept in $LORA_GUI_TEST_ARTIFACTS (default test-artifacts/e2e).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from app_server import CHROMIUM, CHROMIUM_ARGS, running_app
+
+playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium"),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+LONG = 240_000  # ms: training and sampling on two shared CPU cores
+
+
+def artifacts_dir() -> Path:
+    folder = Path(os.environ.get("LORA_GUI_TEST_ARTIFACTS") or ROOT / "test-artifacts" / "e2e")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def field(page, label: str):
+    """A form field by its label (Gradio puts the help text into the accessible name after the label)."""
+    name = re.compile("^" + re.escape(label) + r"(\s|$)")
+    return (page.get_by_role("textbox", name=name).or_(page.get_by_role("spinbutton", name=name))
+            .or_(page.get_by_role("combobox", name=name)))
+
+
+def choose(page, label: str, option: str | re.Pattern) -> None:
+    field(page, label).click()
+    page.get_by_role("option", name=option).click()
+
+
+def set_number(page, label: str, value: int) -> None:
+    box = field(page, label).first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def test_sample_dataset_to_comparison_grid_in_a_browser(tmp_path):
+    expect = playwright.expect
+    shots = artifacts_dir()
+    workspace = tmp_path / "workspace"
+    log = tmp_path / "app.log"
+    with running_app(workspace, log) as url, playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            run_workflow(page, expect, url, workspace, shots)
+        except Exception:
+            page.screenshot(path=shots / "failure.png", full_page=True)
+            print(log.read_text()[-6000:])
+            raise
+        finally:
+            browser.close()
+
+
+def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
+    page.goto(url)
+
+    # 1. Dataset: the built-in sample, checked by the doctor.
+    page.get_by_role("button", name="Create sample dataset").click()
+    expect(page.get_by_text("Ready to train: 12 of 12 images will be used.")).to_be_visible(timeout=60_000)
+    expect(field(page, "Dataset folder").first).to_have_value("datasets/sample")
+    page.screenshot(path=shots / "01-dataset.png", full_page=True)
+
+    # 2. Captions: the template captioner over every image.
+    page.get_by_role("tab", name="Captions").click()
+    choose(page, "Captioner", re.compile("^Template"))
+    field(page, "Template").fill("{trigger}, {filename}")
+    field(page, "Trigger word").fill("sks")
+    page.get_by_label("Overwrite every caption").check()
+    page.get_by_role("button", name="Caption dataset").click()
+    expect(page.get_by_text(re.compile(r"Wrote 12 caption\(s\) for 12 image"))).to_be_visible(timeout=60_000)
+    page.screenshot(path=shots / "02-captions.png", full_page=True)
+    caption = (workspace / "datasets" / "sample" / "shape-01.txt").read_text(encoding="utf-8")
+    assert caption.startswith("sks, shape") and caption.count("sks") == 1
+
+    # 3. Config: the CPU demo preset (built-in tiny SD1.5), a short run with sampling on.
+    page.get_by_role("tab", name="Config").click()
+    page.get_by_label("CPU demo").check()
+    page.get_by_role("button", name="Apply preset").click()
+    expect(page.get_by_text(re.compile("matches preset sd15-cpu-demo"))).to_be_visible(timeout=30_000)
+    expect(field(page, "Base model")).to_have_value("builtin:tiny-sd15")
+    expect(field(page, "Dataset folder")).to_have_value("datasets/sample")
+    set_number(page, "Max steps", 400)
+    set_number(page, "Save every N steps", 4)
+    set_number(page, "Sample every N steps", 4)
+    field(page, "Name").fill("e2e-lora")
+    field(page, "Output folder").fill("outputs/e2e")
+    field(page, "Name").press("Tab")
+    expect(page.get_by_text("Config is valid")).to_be_visible(timeout=30_000)
+    page.screenshot(path=shots / "03-config.png", full_page=True)
+
+    # 4. Train: start, watch the loss plot and validation images appear, stop.
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_role("button", name="Start", exact=True).click()
+    gallery_images = page.locator("#lg-validation-gallery img")
+    expect(gallery_images.first).to_be_visible(timeout=LONG)
+    loss_marks = page.locator("#lg-loss-plot canvas, #lg-loss-plot svg")
+    expect(loss_marks.first).to_be_visible(timeout=LONG)
+    checkpoints = workspace / "outputs" / "e2e" / "checkpoints"
+    wait_for_files(page, checkpoints, "step-0000*/COMPLETE", 2)
+    page.get_by_role("button", name="Stop", exact=True).click()
+    expect(page.get_by_text(re.compile(r"\bstopped\b", re.I)).first).to_be_visible(timeout=LONG)
+    page.screenshot(path=shots / "04-train.png", full_page=True)
+    metrics = (workspace / "outputs" / "e2e" / "metrics.csv").read_text().splitlines()
+    assert metrics[0] == "step,epoch,loss,lr,sec_per_step" and len(metrics) >= 5
+
+    # 5. Test: two checkpoints x two scales, same prompt and seed, saved as one PNG.
+    page.get_by_role("tab", name="Test").click()
+    page.get_by_role("button", name="Refresh", exact=True).last.click()
+    lora_boxes = page.get_by_role("checkbox", name=re.compile(r"^(no LoRA|step \d+|final LoRA)$"))
+    checkpoints_boxes = page.get_by_role("checkbox", name=re.compile(r"^step \d+$"))
+    expect(checkpoints_boxes.nth(1)).to_be_visible(timeout=30_000)
+    for index in range(lora_boxes.count()):
+        lora_boxes.nth(index).uncheck()
+    checkpoints_boxes.nth(0).check()
+    checkpoints_boxes.nth(1).check()
+    field(page, "LoRA scales (columns)").fill("0, 1")
+    page.get_by_role("button", name="Render").click()
+    expect(page.get_by_text(re.compile(r"Rendered 2 × 2"))).to_be_visible(timeout=LONG)
+    page.screenshot(path=shots / "05-test.png", full_page=True)
+    grids = sorted((workspace / "outputs" / "e2e" / "comparisons").glob("compare-*.png"))
+    assert grids, "the comparison grid was not saved"
+    from PIL import Image
+
+    with Image.open(grids[-1]) as grid:
+        width, height = grid.size
+    assert width == 180 + 2 * 64 and height == 28 + 2 * 64  # label margins + 2 columns x 2 rows of 64 px
+
+
+def wait_for_files(page, folder: Path, pattern: str, count: int, timeout_s: float = LONG / 1000) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if folder.is_dir() and len(list(folder.glob(pattern))) >= count:
+            return
+        page.wait_for_timeout(500)
+    raise AssertionError(f"fewer than {count} {pattern} in {folder} after {timeout_s:.0f} s")
