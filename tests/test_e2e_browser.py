@@ -55,7 +55,8 @@ def test_sample_dataset_to_comparison_grid_in_a_browser(tmp_path):
     log = tmp_path / "app.log"
     with running_app(workspace, log) as url, playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
         try:
             run_workflow(page, expect, url, workspace, shots)
         except Exception:
@@ -112,6 +113,12 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     expect(loss_marks.first).to_be_visible(timeout=LONG)
     checkpoints = workspace / "outputs" / "e2e" / "checkpoints"
     wait_for_files(page, checkpoints, "step-0000*/COMPLETE", 2)
+    second = page.context.new_page()  # the run belongs to the app: another browser tab shows it live
+    second.goto(url)
+    second.get_by_role("tab", name="Train").click()
+    expect(second.get_by_text(re.compile(r"Running · step \d+ / 400"))).to_be_visible(timeout=30_000)
+    expect(second.get_by_role("button", name="Start", exact=True)).to_be_disabled()
+    second.close()
     page.get_by_role("button", name="Stop", exact=True).click()
     expect(page.get_by_text(re.compile(r"\bstopped\b", re.I)).first).to_be_visible(timeout=LONG)
     page.screenshot(path=shots / "04-train.png", full_page=True)
