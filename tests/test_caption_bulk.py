@@ -175,3 +175,12 @@ def test_edits_keep_non_ascii_and_read_other_encodings(dataset):
     assert (dataset / "b.txt").read_text(encoding="utf-8") == "crème brûlée, 日本"
     undo_last(dataset)
     assert read_caption(dataset / "b.txt") == "crème brûlée"
+
+
+def test_catastrophic_regex_times_out_with_a_message(tmp_path):
+    from lora_gui.captioning.bulk import BulkEditError, preview_find_replace
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "a.txt").write_text("a" * 60 + "!", encoding="utf-8")
+    with pytest.raises(BulkEditError, match="takes too long"):
+        preview_find_replace(tmp_path, "(a|aa)+$", "x", regex=True)

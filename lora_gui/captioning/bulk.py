@@ -8,11 +8,12 @@ atomically; ``undo_last`` puts them back, refusing if a caption was edited in be
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import regex as re  # the `regex` package: re-compatible, and matching can time out
 
 from lora_gui.captioning.files import caption_target, write_text_atomic
 from lora_gui.captioning.text import add_trigger, clean_text, has_tag, join_parts, tidy_caption
@@ -57,7 +58,10 @@ def preview_find_replace(root: str | Path, find: str, replace: str, regex: bool 
         if not exists:
             continue
         try:
-            after = pattern.sub(replace if regex else lambda _match: replace, text)
+            after = pattern.sub(replace if regex else lambda _match: replace, text, timeout=REGEX_SECONDS)
+        except TimeoutError:
+            raise BulkEditError(f"The expression {find!r} takes too long on {Path(path).name} (over "
+                                f"{REGEX_SECONDS:g} s); simplify it, for example avoid nested or overlapping repeats like (a|aa)+.") from None
         except (re.error, IndexError) as exc:
             raise BulkEditError(f"The replacement {replace!r} is not valid for this expression ({exc}). Refer to "
                                 "groups as \\1 or \\g<name>, and write \\\\ for a backslash.") from None
@@ -189,6 +193,9 @@ def _state(path: Path, before: str, after: str, created: bool) -> str:
     if text == after:
         return "after"
     return "before" if text == before and not created else "edited"
+
+
+REGEX_SECONDS = 1.0  # per caption: a pathological expression must not occupy the app
 
 
 def _compile(find: str, regex: bool, case_sensitive: bool) -> re.Pattern:
