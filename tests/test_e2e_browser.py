@@ -87,6 +87,8 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     page.screenshot(path=shots / "02-captions.png", full_page=True)
     caption = (workspace / "datasets" / "sample" / "shape-01.txt").read_text(encoding="utf-8")
     assert caption.startswith("sks, shape") and caption.count("sks") == 1
+    page.get_by_role("tab", name="Dataset").click()  # reopening the tab shows the new captions
+    expect(page.get_by_text(f"shape-01.png: {caption}").first).to_be_attached(timeout=30_000)
 
     # 3. Config: the CPU demo preset (built-in tiny SD1.5), a short run with sampling on.
     page.get_by_role("tab", name="Config").click()

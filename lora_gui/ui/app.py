@@ -27,8 +27,8 @@ def build_app(session: AppSession):
         gr.Markdown(f"# {TITLE}\nTrain LoRA adapters for Stable Diffusion 1.5, SDXL and Flux.1. "
                     f"Workspace: `{session.workspace.root}`")
         with gr.Tabs():
-            with gr.Tab("Dataset", id="dataset"):
-                dataset_tab = dataset.build(session)
+            with gr.Tab("Dataset", id="dataset") as dataset_panel:
+                dataset_tab = dataset.build(session, dataset_panel)
             with gr.Tab("Captions", id="captions"):
                 captions.build(session, dataset_tab)
             with gr.Tab("Config", id="config"):

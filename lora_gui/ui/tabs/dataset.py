@@ -33,7 +33,9 @@ class DatasetTab:
     trigger: gr.Textbox  # the trigger word typed on this tab
 
 
-def build(session: AppSession) -> DatasetTab:
+def build(session: AppSession, panel: gr.Tab | None = None) -> DatasetTab:
+    """The tab's contents; with ``panel`` (the Tab itself) the gallery is re-read whenever the tab is opened,
+    so captions edited on the Captions tab show."""
     workspace = session.workspace
     thumbnails = V.ThumbnailCache()
     gr.Markdown(INTRO)
@@ -99,6 +101,11 @@ def build(session: AppSession) -> DatasetTab:
         path = V.resolve_dataset(workspace, text)
         return {shown: last} if workspace.relative(path) == last else show(path, progress)  # unchanged: no work
 
+    def on_reopen(text, last, progress=gr.Progress()):  # noqa: B008
+        if not isinstance(text, str) or not text.strip() or not last:
+            return {shown: last}
+        return show(V.resolve_dataset(workspace, text), progress)
+
     def on_pick(choice, progress=gr.Progress()):  # noqa: B008
         path = V.resolve_dataset(workspace, choice)
         return {folder: workspace.relative(path), **show(path, progress)}
@@ -131,6 +138,8 @@ def build(session: AppSession) -> DatasetTab:
     gr.on([folder.submit, folder.blur], guard(on_typed), [folder, shown], everything, api_name="dataset_show",
           trigger_mode="always_last")
     existing.input(guard(on_pick), existing, everything, api_name="dataset_pick")
+    if panel is not None:
+        panel.select(guard(on_reopen), [folder, shown], everything, api_name="dataset_reopen")
     explorer.input(guard(on_browse), explorer, everything, api_name="dataset_browse")
     refresh.click(lambda: _choices(workspace), None, existing, api_name="dataset_refresh")
     writes = dict(concurrency_id="dataset_write", concurrency_limit=1)
