@@ -6,6 +6,9 @@ import sys
 
 
 def launch_app(argv: list[str]) -> int:
+    from lora_gui.quiet import quiet_expected_noise
+
+    quiet_expected_noise()
     try:
         from lora_gui.ui.app import main as ui_main
     except ModuleNotFoundError as exc:

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lora_gui.quiet import quiet_expected_noise
+
+    quiet_expected_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {
