@@ -104,12 +104,11 @@ class TrainingRun:
         self.step = 0
         self.metrics: MetricsLog | None = None
         self.sample_prompts: dict | None = None  # validation prompt embeddings, while the text encoders are frozen
-        self.last_checkpoint: str | None = None
 
     # ------------------------------------------------------------------ orchestration
     def execute(self, resume_from: str | Path | None) -> TrainResult:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        progress = self.load_resume_progress(resume_from)
+        resume = self.load_resume(resume_from)
         self.data = self.prepare_data()
         self.placement = resolve_placement(self.config)
         unload_all_captioners()  # a captioning model must not hold accelerator memory while training
@@ -120,8 +119,8 @@ class TrainingRun:
         self.build_optimization()
         self.cursor = DataCursor(self.data)
         self.noise_generator = torch.Generator(device="cpu").manual_seed(self.config.train.seed)
-        if progress is not None:
-            self.restore(Path(resume_from), progress)
+        if resume is not None:
+            self.restore(Path(resume_from), *resume)
         save_config(self.config, self.output_dir / "config.toml")
         self.metrics = MetricsLog(self.output_dir, self.step, self.config.output.tensorboard)
         return self.loop()
@@ -135,12 +134,13 @@ class TrainingRun:
             self.metrics = None
 
     # ------------------------------------------------------------------ setup
-    def load_resume_progress(self, resume_from: str | Path | None) -> dict | None:
+    def load_resume(self, resume_from: str | Path | None) -> tuple[dict, dict] | None:
+        """A checkpoint's (progress, training state), refused before any work if it does not fit the config."""
         if resume_from is None:
             return None
-        progress, _ = ckpt.load_checkpoint(Path(resume_from))
+        progress, state = ckpt.load_checkpoint(Path(resume_from))
         ckpt.check_resume_compatible(progress, self.config)
-        return progress
+        return progress, state
 
     def prepare_data(self):
         from lora_gui.data.dataset import TrainingData
@@ -287,12 +287,10 @@ class TrainingRun:
             write_lora=lambda folder: self.write_lora(folder / f"{self.config.output.name}.safetensors"),
             training_state=training_state,
         )
-        self.last_checkpoint = str(path)
         self.emit(CheckpointSaved(step=self.step, path=str(path)))
         return str(path)
 
-    def restore(self, folder: Path, progress: dict) -> None:
-        _, state = ckpt.load_checkpoint(folder)
+    def restore(self, folder: Path, progress: dict, state: dict) -> None:
         load_lora_state(self.lora_modules, state["extra"]["lora"])
         ckpt.restore_training_state(state, self.optimizer, self.lr_scheduler, self.scaler)
         missing = ckpt.restore_rng_state(state["rng"], {"noise": self.noise_generator})
@@ -300,7 +298,6 @@ class TrainingRun:
             self.status(f"Note: random state for {', '.join(missing)} could not be restored on this machine")
         self.step = int(progress["step"])
         self.cursor = DataCursor(self.data, int(progress["epoch"]), int(progress["batch_in_epoch"]))
-        self.last_checkpoint = str(folder)
         self.status(f"Resumed from {folder} at step {self.step}")
 
     def metadata(self) -> dict[str, str]:
