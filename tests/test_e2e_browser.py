@@ -74,7 +74,10 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     page.get_by_role("button", name="Create sample dataset").click()
     expect(page.get_by_text("Ready to train: 12 of 12 images will be used.")).to_be_visible(timeout=60_000)
     expect(field(page, "Dataset folder").first).to_have_value("datasets/sample")
-    page.screenshot(path=shots / "01-dataset.png", full_page=True)
+    page.get_by_role("button", name="Check dataset").click()  # the doctor again, as a user would
+    expect(page.get_by_text("Checked datasets/sample: 12 image(s).", exact=True)).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Ready to train: 12 of 12 images will be used.")).to_be_visible()
+    screenshot(page, shots / "01-dataset.png")
 
     # 2. Captions: the template captioner over every image.
     page.get_by_role("tab", name="Captions").click()
@@ -84,7 +87,7 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     page.get_by_label("Overwrite every caption").check()
     page.get_by_role("button", name="Caption dataset").click()
     expect(page.get_by_text(re.compile(r"Wrote 12 caption\(s\) for 12 image"))).to_be_visible(timeout=60_000)
-    page.screenshot(path=shots / "02-captions.png", full_page=True)
+    screenshot(page, shots / "02-captions.png")
     caption = (workspace / "datasets" / "sample" / "shape-01.txt").read_text(encoding="utf-8")
     assert caption.startswith("sks, shape") and caption.count("sks") == 1
     page.get_by_role("tab", name="Dataset").click()  # reopening the tab shows the new captions
@@ -104,15 +107,16 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     field(page, "Output folder").fill("outputs/e2e")
     field(page, "Name").press("Tab")
     expect(page.get_by_text("Config is valid")).to_be_visible(timeout=30_000)
-    page.screenshot(path=shots / "03-config.png", full_page=True)
+    screenshot(page, shots / "03-config.png")
 
     # 4. Train: start, watch the loss plot and validation images appear, stop.
     page.get_by_role("tab", name="Train").click()
     page.get_by_role("button", name="Start", exact=True).click()
     gallery_images = page.locator("#lg-validation-gallery img")
     expect(gallery_images.first).to_be_visible(timeout=LONG)
-    loss_marks = page.locator("#lg-loss-plot canvas, #lg-loss-plot svg")
-    expect(loss_marks.first).to_be_visible(timeout=LONG)
+    loss_lines = page.locator("#lg-loss-plot .mark-line path")  # an empty plot has an svg but no lines
+    expect(loss_lines).to_have_count(2, timeout=LONG)  # raw and smoothed
+    expect(loss_lines.first).to_have_attribute("d", re.compile(r"^M[\d.,-]+L"))  # two or more points
     checkpoints = workspace / "outputs" / "e2e" / "checkpoints"
     wait_for_files(page, checkpoints, "step-0000*/COMPLETE", 2)
     second = page.context.new_page()  # the run belongs to the app: another browser tab shows it live
@@ -123,7 +127,7 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     second.close()
     page.get_by_role("button", name="Stop", exact=True).click()
     expect(page.get_by_text(re.compile(r"\bstopped\b", re.I)).first).to_be_visible(timeout=LONG)
-    page.screenshot(path=shots / "04-train.png", full_page=True)
+    screenshot(page, shots / "04-train.png")
     metrics = (workspace / "outputs" / "e2e" / "metrics.csv").read_text().splitlines()
     assert metrics[0] == "step,epoch,loss,lr,sec_per_step" and len(metrics) >= 5
 
@@ -140,7 +144,7 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     field(page, "LoRA scales (columns)").fill("0, 1")
     page.get_by_role("button", name="Render").click()
     expect(page.get_by_text(re.compile(r"Rendered 2 × 2"))).to_be_visible(timeout=LONG)
-    page.screenshot(path=shots / "05-test.png", full_page=True)
+    screenshot(page, shots / "05-test.png")
     grids = sorted((workspace / "outputs" / "e2e" / "comparisons").glob("compare-*.png"))
     assert grids, "the comparison grid was not saved"
     from PIL import Image
@@ -148,6 +152,16 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     with Image.open(grids[-1]) as grid:
         width, height = grid.size
     assert width == 180 + 2 * 64 and height == 28 + 2 * 64  # label margins + 2 columns x 2 rows of 64 px
+
+
+def screenshot(page, path: Path) -> None:
+    """A full-page screenshot once Gradio shows no pending outputs (faded while an event runs)."""
+    try:
+        page.wait_for_function("() => ![...document.querySelectorAll('[data-testid=status-tracker]')]"
+                               ".some(e => !e.classList.contains('hide'))", timeout=10_000)
+    except playwright.TimeoutError:  # still busy after 10 s: take it anyway, the assertions decide
+        pass
+    page.screenshot(path=path, full_page=True)
 
 
 def wait_for_files(page, folder: Path, pattern: str, count: int, timeout_s: float = LONG / 1000) -> None:
