@@ -220,10 +220,8 @@ def _parse_scalar(raw: str) -> Any:
 
 
 def _toml_loads(text: str) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    import tomllib
+
     return tomllib.loads(text)
 
 

@@ -329,3 +329,33 @@ def test_save_dtype_and_loader_message_classification(tmp_path):
                                   "Open an issue if you think it's unexpected")
     assert LV._is_key_problem("CLIPTextModel LOAD REPORT\nq_proj.lora_magnitude_vector.x | UNEXPECTED")
     assert LV._is_key_problem("filter out the keys associated to 'dora_scale` from the state dict")
+
+
+def test_adapters_do_not_depend_on_the_libraries_peft_integrations(monkeypatch, tmp_path):
+    """transformers 5.24 refuses its own add_adapter unless peft >= 0.22, which no index has.
+
+    Raising transformers' and diffusers' minimum peft versions out of reach simulates any such
+    mismatch: injecting, resuming, saving and loading a text-encoder LoRA must not go through them.
+    """
+    import diffusers.loaders.peft as diffusers_peft
+    import transformers.integrations.peft as transformers_peft
+
+    monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", "999.0")
+    monkeypatch.setattr(diffusers_peft, "MIN_PEFT_VERSION", "999.0")
+    case = CASES["sd15"]
+    lora = LoraSection(rank=4, alpha=2.0)
+    _, modules, kohya, diffusers_file = trained(case, tmp_path, lora)
+    assert {"unet", "text_encoder"} <= set(modules)
+    assert modules["text_encoder"].peft_config["default"].r == 4
+    saved = L.lora_state_dicts(modules)
+    assert saved["text_encoder"], "no text-encoder LoRA weights"
+    L.load_lora_state(modules, saved)
+    expected = layer_outputs(modules["text_encoder"], "default")
+    for path in (kohya, diffusers_file):
+        _, pipe = load(case)
+        report = LV.verify_lora_file(pipe, path, adapter_name="loaded", keep=True)
+        assert report.ok, report
+        assert_same_outputs(expected, layer_outputs(pipe.text_encoder, "loaded"))
+        pipe.set_adapters(["loaded"], [0.5])  # what the Test tab does per scale
+        pipe.delete_adapters(["loaded"])
+        assert not LV.lora_deltas(pipe.text_encoder, "loaded")

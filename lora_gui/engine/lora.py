@@ -70,7 +70,7 @@ def inject_lora(
 def _add_adapter(key: str, module: torch.nn.Module, config, adapter_name: str) -> None:
     init = config.init_lora_weights
     try:
-        module.add_adapter(config, adapter_name=adapter_name)
+        add_peft_adapter(module, config, adapter_name)
     except (TypeError, ValueError) as exc:
         if isinstance(init, str) and init in BASE_MUTATING_INITS:
             raise LoraError(
@@ -84,6 +84,27 @@ def _add_adapter(key: str, module: torch.nn.Module, config, adapter_name: str) -
                 "choose another target preset."
             ) from exc
         raise
+
+
+def add_peft_adapter(module: torch.nn.Module, config, adapter_name: str) -> None:
+    """Inject a fresh adapter with peft itself and make it the active one.
+
+    Not through ``add_adapter`` of diffusers/transformers models: transformers refuses it unless peft is
+    newer than its own minimum (transformers 5.24 wants peft 0.22, which no index has), while peft's
+    injection works with every version. The module ends up as those libraries leave it: the config in
+    ``module.peft_config`` and ``_hf_peft_config_loaded`` set, so their pipelines' adapter calls see it.
+    """
+    from peft import inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if adapter_name in (getattr(module, "peft_config", None) or {}):
+        raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
+    config.base_model_name_or_path = None
+    inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    module._hf_peft_config_loaded = True
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.set_adapter(adapter_name)
 
 
 def _is_lora_param(name: str, adapter_name: str) -> bool:
