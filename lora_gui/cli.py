@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lora-gui",
         description="Train LoRA adapters for Stable Diffusion 1.5, SDXL and Flux.1.",
     )
+    parser.add_argument("--version", action="store_true",
+                        help="print the app's version, PyTorch's CUDA build and GPU, and the library versions")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gui = commands.add_parser("gui", help="start the web app (the default command)")
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_expected_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        return run_version()
     handlers = {
         None: run_gui, "gui": run_gui, "train": run_train, "sample": run_sample,
         "init-config": run_init_config, "presets": run_presets,
@@ -71,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def run_version() -> int:
+    from lora_gui.versions import version_report
+
+    print("\n".join(version_report()))
+    return EXIT_OK
 
 
 def run_gui(args) -> int:

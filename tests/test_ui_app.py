@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import urllib.error
 import urllib.parse
@@ -76,3 +77,18 @@ def test_browser_can_fetch_only_workspace_outputs_and_datasets(tmp_path):
         for forbidden in ("/etc/passwd", str(workspace / "configs" / "private.toml"),
                           str(workspace / "outputs" / ".." / "configs" / "private.toml")):
             assert fetch_status(file_url + forbidden) in (403, 404), forbidden
+
+
+@pytest.mark.slow
+def test_about_panel_names_the_versions(tmp_path):
+    from lora_gui.versions import installed_version
+
+    with running_app(tmp_path / "ws", tmp_path / "app.log") as url:
+        with urllib.request.urlopen(url + "config", timeout=30) as response:
+            config = json.loads(response.read())
+    values = {c["props"].get("elem_id"): c["props"].get("value") for c in config["components"]}
+    about = values["about-versions"]
+    for name in ("lora-gui", "torch", "diffusers", "transformers", "peft", "gradio"):
+        assert re.search(rf"^{name} \S", about, re.MULTILINE), f"{name} missing from the About panel"
+    assert f"transformers {installed_version('transformers')}" in about
+    assert values["version-footer"].startswith(f"lora-gui {installed_version('lora-gui')} · torch ")

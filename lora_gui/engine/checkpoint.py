@@ -20,7 +20,7 @@ import secrets
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,7 +129,7 @@ def make_progress(step: int, epoch: int, batch_in_epoch: int, config: TrainingCo
         "batch_in_epoch": batch_in_epoch,
         "identity_hash": config.identity_hash(),
         "config_hash": config.full_hash(),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     progress.update({name: _config_value(config, key) for key, name in IDENTITY_FIELDS})
     return progress

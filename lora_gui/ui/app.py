@@ -37,7 +37,21 @@ def build_app(session: AppSession):
                 train.build(session, config_tab)
             with gr.Tab("Test", id="test"):
                 test.build(session, config_tab)
+        build_about()
     return app
+
+
+def build_about() -> None:
+    """The versions that ran, for bug reports: a footer line and a copyable list."""
+    import gradio as gr
+
+    from lora_gui.versions import version_report
+
+    report = version_report()
+    with gr.Accordion("About: versions (copy them into a bug report)", open=False, elem_id="about"):
+        gr.Textbox("\n".join(report), lines=len(report), show_label=False, interactive=False,
+                   buttons=["copy"], elem_id="about-versions")
+    gr.Markdown(f"{report[0]} · {report[2]}", elem_classes="lg-small", elem_id="version-footer")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
