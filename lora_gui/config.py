@@ -31,6 +31,18 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info) -> Any:
+        """pydantic reads true as 1; a number field given true/false is a mistake worth naming."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in _NUMBER_TYPES:
+            raise ValueError(f"expected a number, not {str(value).lower()}")
+        return value
+
+
+_NUMBER_TYPES = (int, float, int | None, float | None)
+MAX_ECHOED_CHARS = 120
+
 
 class ModelSection(Section):
     family: Literal["sd15", "sdxl", "flux"] = Field(
@@ -225,19 +237,33 @@ def _toml_loads(text: str) -> dict:
     return tomllib.loads(text)
 
 
+def _yaml_loads(text: str) -> Any:
+    """YAML without aliases: a config never needs them, and nested aliases expand exponentially."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise ConfigError("YAML aliases (*name) are not allowed in config files; write the values out.")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist. Create one with `lora-gui init-config {path}`.")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (it is not UTF-8); choose a .toml, .yaml or .json config.") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
             data = _toml_loads(text)
         elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+            data = _yaml_loads(text) or {}
         elif suffix == ".json":
             data = json.loads(text)
         else:
@@ -317,8 +343,13 @@ def _describe_error(error: dict, key: str) -> str:
     bounds = field_bounds(key)
     allowed = f" (allowed: {bounds})" if bounds else ""
     if kind == "literal_error":
-        return f"{got!r} is not one of the allowed values{allowed}"
-    return f"{error['msg'].rstrip('.')}; got {got!r}{allowed}"
+        return f"{_echo(got)} is not one of the allowed values{allowed}"
+    return f"{error['msg'].rstrip('.')}; got {_echo(got)}{allowed}"
+
+
+def _echo(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_ECHOED_CHARS else f"{text[:MAX_ECHOED_CHARS]}... ({len(text)} characters)"
 
 
 def _suggestion(key: str) -> str:

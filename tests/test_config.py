@@ -114,3 +114,27 @@ def test_every_preset_is_valid_and_sparse():
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(ConfigError, match="sd15-cpu-demo"):
         build_config(preset="nope")
+
+
+def test_hostile_config_files_get_messages(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefghij", "bcdefghijk", strict=True)))
+    with pytest.raises(ConfigError, match="aliases"):  # expanded, it would be 9**10 items
+        read_config_file(bomb)
+    garbage = tmp_path / "garbage.toml"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="not a text file"):
+        read_config_file(garbage)
+
+
+@pytest.mark.parametrize("override", ["lora.rank=true", "train.learning_rate=false", "sample.width=true"])
+def test_booleans_are_not_numbers(override):
+    with pytest.raises(ConfigError, match="expected a number"):
+        build_config(overrides=[override])
+
+
+def test_error_messages_do_not_echo_huge_values():
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=["model.family=" + "x" * 100_000])
+    assert len(str(err.value)) < 1000 and "100002 characters" in str(err.value)

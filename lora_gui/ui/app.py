@@ -7,10 +7,13 @@ import secrets
 import sys
 from pathlib import Path
 
+from lora_gui.ui.dataset_view import MAX_IMAGE_BYTES
 from lora_gui.ui.session import AppSession
 from lora_gui.ui.workspace import Workspace
 
 TITLE = "LoRA GUI"
+# The largest file any upload box takes (an image); each handler checks its own, smaller limits.
+MAX_UPLOAD_BYTES = MAX_IMAGE_BYTES
 CSS = """
 .lg-status {font-family: ui-monospace, monospace; font-size: 0.9em}
 .lg-small {font-size: 0.85em; opacity: 0.8}
@@ -101,5 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         theme=gr.themes.Soft(),
         css=CSS,
         footer_links=["settings"],
+        max_file_size=MAX_UPLOAD_BYTES,
     )
     return 0

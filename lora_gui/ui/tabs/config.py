@@ -154,7 +154,8 @@ def layout(workspace: Workspace, gpu: GpuInfo | None, tier: str, initial: dict[s
     validate_md = gr.Markdown(first["validate"])
     with gr.Accordion("Load and save config files", open=True):
         with gr.Row():
-            upload = gr.File(label="Load a config file (.toml, .yaml, .json)", type="filepath",
+            upload = gr.File(label=f"Load a config file (.toml, .yaml, .json; up to {P.MAX_CONFIG_BYTES // 10**6} MB)",
+                             type="filepath",
                              file_types=list(P.CONFIG_SUFFIXES), file_count="single")
             with gr.Column():
                 # Custom values allowed so a list older than this session's files still works;
@@ -243,7 +244,11 @@ class Handlers:
         return {**self.fill(shown), self.w.file_status: f"✅ Loaded {label}.{note}"}
 
     def load_upload(self, path: Any):
-        return self.load_path(Path(path), Path(path).name) if isinstance(path, str) and path else {}
+        if not isinstance(path, str) or not path:
+            return {}
+        if not uploaded_through_this_page(Path(path)):
+            raise ConfigError("That file was not uploaded through this page; choose it with the upload box.")
+        return self.load_path(Path(path), Path(path).name)
 
     def load_saved(self, name: Any):
         return self.load_path(P.saved_config_path(self.workspace, name), f"configs/{name}")
@@ -296,3 +301,10 @@ def show_folder(folder: Any, workspace: Workspace) -> Any:
         return gr.update()
     path = Path(folder.strip())
     return workspace.relative(path) if path.is_absolute() else folder.strip()
+
+
+def uploaded_through_this_page(path: Path) -> bool:
+    """Whether ``path`` is in Gradio's upload folder, where only bytes a browser sent end up."""
+    from gradio.utils import get_upload_folder
+
+    return path.resolve().is_relative_to(Path(get_upload_folder()).resolve())

@@ -55,7 +55,8 @@ def build(session: AppSession, panel: gr.Tab | None = None) -> DatasetTab:
         with gr.Row():
             new_name = gr.Textbox(label="New dataset name", placeholder="my-style", scale=1)
             uploads = gr.File(file_count="multiple", file_types=sorted(V.UPLOAD_EXTENSIONS), scale=3,
-                              label="Images and same-name .txt captions")
+                              label=f"Images (up to {V.MAX_IMAGE_BYTES // 1024**2} MB each) and same-name .txt captions "
+                                    f"(up to {V.MAX_CAPTION_BYTES // 1024**2} MB)")
         upload = gr.Button("Copy into datasets/<name>")
     message = gr.Markdown()
     gallery = gr.Gallery(label="Images and captions", columns=6, height=520, object_fit="contain",
