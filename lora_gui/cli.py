@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a setting, e.g. --set lora.rank=32 (repeatable)")
     train.add_argument("--resume", metavar="CHECKPOINT_DIR",
                        help="continue from a checkpoint folder, or 'latest' for the newest one in output.dir")
+    train.add_argument("--overwrite", action="store_true",
+                       help="train from step 0 even if output.dir holds an earlier run (deletes its LoRA, "
+                            "checkpoints, samples and metrics)")
 
     sample = commands.add_parser("sample", help="render images with a LoRA at one or more scales")
     sample.add_argument("--config", required=True, help="config file naming the base model and sample settings")
@@ -123,6 +126,15 @@ def run_train(args) -> int:
         return EXIT_USAGE
     config = build_config(file=args.config, preset=args.preset, overrides=args.overrides)
     resume = resolve_resume(args.resume, config)
+    if resume is None and not args.overwrite:
+        from lora_gui.engine.outputs import previous_run_problem
+
+        problem = previous_run_problem(Path(config.output.dir), config.output.name)
+        if problem:
+            print(f"error: {problem}; a new run would mix with it. Continue it with --resume latest, train "
+                  "again from step 0 with --overwrite (deletes its LoRA, checkpoints, samples and metrics), "
+                  "or choose another output.dir.", file=sys.stderr)
+            return EXIT_USAGE
 
     from lora_gui.engine.errors import TrainingError
     from lora_gui.engine.train import train
@@ -132,9 +144,12 @@ def run_train(args) -> int:
     printer = ProgressPrinter(config.train.max_steps)
     restore = install_stop_handlers(controls, printer)
     try:
-        result = train(config, printer.handle, controls, resume_from=resume)
+        result = train(config, printer.handle, controls, resume_from=resume, overwrite=args.overwrite)
     except TrainingError:
         return EXIT_FAILED  # the printer already showed the message and the hint
+    except KeyboardInterrupt:
+        printer.message("Stopped before training started; nothing was trained, so there is nothing to resume.")
+        return EXIT_STOPPED
     finally:
         printer.close()
         restore()
@@ -166,6 +181,8 @@ def install_stop_handlers(controls, printer):
     """Ctrl-C and SIGTERM ask the loop to save a resumable checkpoint and stop; repeats are harmless."""
 
     def request_stop(signum, _frame) -> None:
+        if controls.stop_requested and not printer.training_started:
+            raise KeyboardInterrupt  # nothing trained yet: a second request quits at once
         if controls.stop_requested:
             printer.message("Already stopping: saving a checkpoint, please wait.")
             return

@@ -27,6 +27,11 @@ class ProgressPrinter:
         else:
             print(text, file=sys.stderr, flush=True)
 
+    @property
+    def training_started(self) -> bool:
+        """Whether a step was taken (before that, nothing is lost by quitting at once)."""
+        return self._bar is not None
+
     def handle(self, event: Event) -> None:
         if isinstance(event, Progress):
             bar = self._ensure_bar(event.step - 1)

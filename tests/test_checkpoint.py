@@ -110,13 +110,32 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, crash):
     load_checkpoint(previous)
 
 
-def test_disk_errors_say_what_to_do(tmp_path):
-    def disk_full(folder: Path) -> None:
-        raise OSError(28, "No space left on device")
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 512 vs 446"),  # torch.save
+])
+def test_disk_full_says_so_and_keeps_older_checkpoints(tmp_path, error):
+    previous = _save(tmp_path, 1)
 
-    with pytest.raises(CheckpointError, match="Free disk space"):
-        _save(tmp_path, 1, write_lora=disk_full)
-    assert _leftovers(tmp_path) == []
+    def disk_full(folder: Path) -> None:
+        raise error
+
+    with pytest.raises(CheckpointError, match=r"The disk is full.*Free space on the disk holding .*checkpoints"):
+        _save(tmp_path, 2, write_lora=disk_full)
+    assert _leftovers(tmp_path) == [] and list_checkpoints(tmp_path) == [previous]
+    load_checkpoint(previous)
+
+
+def test_free_space_is_checked_before_saving(tmp_path, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda _path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(CheckpointError, match=r"Not enough disk space .* MB are needed and 0 MB are free"):
+        _save(tmp_path, 1)
+    assert list_checkpoints(tmp_path) == []
 
 
 def test_leftovers_of_a_killed_save_are_ignored_then_removed(tmp_path):
@@ -204,6 +223,45 @@ def test_damaged_checkpoint_is_refused(tmp_path):
     (newer / LORA_FILE).write_bytes(b"truncated")
     with pytest.raises(CheckpointError, match=f"damaged.*{LORA_FILE}.*resume from {older}"):
         load_checkpoint(newer)
+
+
+def _same_size_garbage(path: Path) -> None:
+    path.write_bytes(b"\x00" * path.stat().st_size)
+
+
+def _flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("name", "damage"), [
+    ("progress.json", _same_size_garbage),
+    ("training_state.pt", _same_size_garbage),
+    (LORA_FILE, _flip_one_byte),
+    (COMPLETE_MARKER, _same_size_garbage),
+])
+def test_corruption_is_caught_and_the_newest_intact_checkpoint_named(tmp_path, name, damage):
+    intact, also_damaged, newest = _save(tmp_path, 1), _save(tmp_path, 2), _save(tmp_path, 3)
+    _flip_one_byte(also_damaged / LORA_FILE)
+    damage(newest / name)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(newest)
+    message = str(err.value)
+    assert "damaged" in message and f"resume from {intact} instead (the newest intact one)" in message
+    assert "weights_only" not in message and "Expecting value" not in message
+    load_checkpoint(intact)
+
+
+def test_checkpoints_without_checksums_still_load_and_are_size_checked(tmp_path):
+    path = _save(tmp_path, 1)
+    marker = json.loads((path / COMPLETE_MARKER).read_text())
+    marker["files"] = {name: entry["size"] for name, entry in marker["files"].items()}  # the first format
+    (path / COMPLETE_MARKER).write_text(json.dumps(marker))
+    load_checkpoint(path)
+    _same_size_garbage(path / "training_state.pt")
+    with pytest.raises(CheckpointError, match="damaged .its files cannot be read.*no complete checkpoint|damaged"):
+        load_checkpoint(path)
 
 
 # ----------------------------------------------------------------------------- exact resume
@@ -331,4 +389,5 @@ def test_newer_format_is_refused(tmp_path):
 def test_progress_file_is_plain_json(tmp_path):
     path = _save(tmp_path, 9)
     assert json.loads((path / "progress.json").read_text())["step"] == 9
-    assert json.loads((path / COMPLETE_MARKER).read_text())["files"][LORA_FILE] > 0
+    entry = json.loads((path / COMPLETE_MARKER).read_text())["files"][LORA_FILE]
+    assert entry["size"] > 0 and len(entry["sha256"]) == 64

@@ -2,7 +2,8 @@
 
 Layout: ``<output_dir>/checkpoints/step-000123/`` holding the LoRA file(s) written by the caller,
 ``training_state.pt`` (optimizer, scheduler, grad scaler, RNG and extra state dicts, loadable with
-``weights_only=True``), ``progress.json`` and, written last, the ``COMPLETE`` marker.
+``weights_only=True``), ``progress.json`` and, written last, the ``COMPLETE`` marker with every
+file's size and SHA-256, checked before a resume.
 
 A checkpoint is written into ``step-000123.tmp-<random>`` and renamed into place once complete, so a
 crash or Ctrl-C never leaves a folder that looks complete but is not. Older checkpoints are deleted
@@ -12,6 +13,7 @@ only after the new one is complete. Leftover temp folders are removed on the nex
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -48,6 +50,13 @@ IDENTITY_FIELDS = (
     ("lora.use_dora", "use_dora"),
     ("lora.train_text_encoder", "train_text_encoder"),
 )
+# Settings the saved training state depends on: PiSSA/OLoRA change the base the LoRA was trained
+# against, and another optimizer cannot take over the saved one's state.
+RESUME_FIELDS = (
+    ("lora.init", "init"),
+    ("train.optimizer", "optimizer"),
+)
+DISK_MARGIN_BYTES = 16 * 1024**2
 
 
 class CheckpointError(ValueError):
@@ -115,6 +124,7 @@ def save_checkpoint(
     final = parent / checkpoint_name(step)
     if not is_complete(final):  # a second request for a saved step is a no-op
         check_weights_only_loadable(training_state)
+        check_free_space(parent, estimated_checkpoint_bytes(parent, training_state))
         progress = make_progress(step, epoch, batch_in_epoch, config)
         _write_atomically(final, progress, training_state, write_lora)
     prune_checkpoints(parent, config.output.keep_last if keep_last is None else keep_last, step)
@@ -131,7 +141,7 @@ def make_progress(step: int, epoch: int, batch_in_epoch: int, config: TrainingCo
         "config_hash": config.full_hash(),
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    progress.update({name: _config_value(config, key) for key, name in IDENTITY_FIELDS})
+    progress.update({name: _config_value(config, key) for key, name in IDENTITY_FIELDS + RESUME_FIELDS})
     return progress
 
 
@@ -140,17 +150,68 @@ def _write_atomically(final: Path, progress: dict, training_state: dict, write_l
     try:
         _write_contents(temp, progress, training_state, write_lora)
         _move_into_place(temp, final)
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(temp, ignore_errors=True)
-        advice = "Free disk space or lower output.keep_last" if exc.errno == errno.ENOSPC else (
-            f"Check that {final.parent} is writable"
-        )
-        raise CheckpointError(
-            f"Could not save checkpoint {final}: {exc}. {advice}; earlier checkpoints are untouched."
-        ) from exc
+        if is_disk_full(exc):
+            raise CheckpointError(
+                f"The disk is full: checkpoint {final} could not be written. Free space on the disk holding "
+                f"{final.parent} (about {_megabytes(estimated_checkpoint_bytes(final.parent, training_state))} "
+                "are needed) or lower output.keep_last; earlier checkpoints are untouched."
+            ) from None
+        if isinstance(exc, OSError):
+            raise CheckpointError(
+                f"Could not save checkpoint {final}: {exc}. Check that {final.parent} is writable; earlier "
+                "checkpoints are untouched."
+            ) from exc
+        raise
     except BaseException:  # includes Ctrl-C: drop the partial folder, keep the older checkpoints
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC as an OSError, or as the text of safetensors' and torch's own write errors."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    return "no space left on device" in text or "disk quota exceeded" in text or (
+        "inline_container" in text and "unexpected pos" in text)
+
+
+def tensor_bytes(value: Any) -> int:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
+def estimated_checkpoint_bytes(parent: Path, training_state: dict) -> int:
+    """The size of the newest saved checkpoint, or, for the first one, the state plus two LoRA files."""
+    saved = _complete_in(parent) if parent.is_dir() else []
+    if saved:
+        size = sum(path.stat().st_size for path in saved[-1].rglob("*") if path.is_file())
+    else:
+        size = tensor_bytes(training_state) + 2 * tensor_bytes(training_state.get("extra", {}).get("lora", {}))
+    return size + DISK_MARGIN_BYTES
+
+
+def check_free_space(parent: Path, needed: int) -> None:
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise CheckpointError(
+            f"Not enough disk space to save a checkpoint in {parent}: about {_megabytes(needed)} are needed and "
+            f"{_megabytes(free)} are free. Free space on that disk or lower output.keep_last; earlier "
+            "checkpoints are untouched."
+        )
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1024**2:,.0f} MB" if size < 10 * 1024**3 else f"{size / 1024**3:,.1f} GB"
 
 
 def _write_contents(folder: Path, progress: dict, training_state: dict, write_lora: Callable) -> None:
@@ -162,12 +223,12 @@ def _write_contents(folder: Path, progress: dict, training_state: dict, write_lo
         raise CheckpointError(f"write_lora wrote no files into {folder}; the checkpoint would have no LoRA.")
     torch.save(training_state, folder / TRAINING_STATE_FILE)
     (folder / PROGRESS_FILE).write_text(json.dumps(progress, indent=2), encoding="utf-8")
-    sizes = {}
+    files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         _fsync_file(path)
-        sizes[path.relative_to(folder).as_posix()] = path.stat().st_size
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": file_digest(path)}
     marker = folder / COMPLETE_MARKER
-    marker.write_text(json.dumps({"step": progress["step"], "files": sizes}, indent=2), encoding="utf-8")
+    marker.write_text(json.dumps({"step": progress["step"], "files": files}, indent=2), encoding="utf-8")
     _fsync_file(marker)
     _fsync_dir(folder)
 
@@ -344,7 +405,7 @@ def _set_numpy_rng_state(saved: dict) -> bool:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """``(progress, training_state)`` of a complete checkpoint; tensors are loaded onto the CPU."""
+    """``(progress, training_state)`` of a complete, intact checkpoint; tensors are loaded onto the CPU."""
     import torch
 
     path = Path(path)
@@ -354,28 +415,52 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
         raise CheckpointError(
             f"checkpoint {path} is incomplete (it was interrupted while saving); {_alternative(path)}"
         )
-    _verify_file_sizes(path)
-    progress = json.loads((path / PROGRESS_FILE).read_text(encoding="utf-8"))
-    training_state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    problem = checkpoint_damage(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged ({problem}); {_alternative(path)}")
+    try:
+        progress = json.loads((path / PROGRESS_FILE).read_text(encoding="utf-8"))
+        training_state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception:  # written before checksums, and damaged since: the loaders' texts would mislead
+        raise CheckpointError(f"checkpoint {path} is damaged (its files cannot be read); "
+                              f"{_alternative(path)}") from None
     return progress, training_state
 
 
-def _verify_file_sizes(path: Path) -> None:
-    expected = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8")).get("files", {})
-    for name, size in expected.items():
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files (sizes and SHA-256 from its marker), or None."""
+    try:
+        expected = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {COMPLETE_MARKER} marker cannot be read"
+    for name, entry in expected.items():
+        size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get("sha256"))
         file = path / name
         actual = file.stat().st_size if file.is_file() else None
+        if actual is None:
+            return f"{name} is missing"
         if actual != size:
-            found = "is missing" if actual is None else f"has {actual} bytes, expected {size}"
-            raise CheckpointError(f"checkpoint {path} is damaged ({name} {found}); {_alternative(path)}")
+            return f"{name} has {actual} bytes, expected {size}"
+        if digest is not None and file_digest(file) != digest:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def _alternative(path: Path) -> str:
     parent = path.parent
     output_dir = parent.parent if parent.name == CHECKPOINTS_DIR else parent
     others = [found for found in list_checkpoints(output_dir) if found.resolve() != path.resolve()]
-    if others:
-        return f"resume from {others[-1]} instead"
+    intact = next((found for found in reversed(others) if checkpoint_damage(found) is None), None)
+    if intact is not None:
+        return f"resume from {intact} instead (the newest intact one)"
     return f"there is no complete checkpoint in {checkpoints_dir(output_dir)}; start the run without resuming"
 
 
@@ -386,7 +471,7 @@ def check_resume_compatible(progress: dict, config: TrainingConfig) -> None:
     problems = [
         f"{key} is {_show(_config_value(config, key))} but the checkpoint was trained with "
         f"{name} {_show(progress[name])}; set {key} = {_show(progress[name])}"
-        for key, name in IDENTITY_FIELDS
+        for key, name in IDENTITY_FIELDS + RESUME_FIELDS
         if name in progress and progress[name] != _config_value(config, key)
     ]
     saved_hash = progress.get("identity_hash")
@@ -397,7 +482,7 @@ def check_resume_compatible(progress: dict, config: TrainingConfig) -> None:
     if problems:
         listed = "\n".join(f"  - {problem}" for problem in problems)
         raise ResumeError(
-            f"The checkpoint was trained with other LoRA settings:\n{listed}\n"
+            f"The checkpoint was trained with other settings:\n{listed}\n"
             "Set them back, or start a new run in another output folder."
         )
 

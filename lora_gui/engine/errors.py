@@ -15,6 +15,10 @@ class TrainingError(RuntimeError):
         self.hint = hint
 
 
+class StopRequested(Exception):  # noqa: N818 (a request, not an error)
+    """Raised between units of work (files, batches, denoising steps) once a stop was asked for."""
+
+
 class NonFiniteLoss(TrainingError):
     def __init__(self, step: int, paths: list[str]) -> None:
         files = ", ".join(paths) or "unknown files"
@@ -37,6 +41,16 @@ def explain(exc: BaseException) -> Explanation:
     details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     if isinstance(exc, TrainingError):
         return Explanation(exc.message, exc.hint, details)
+    from lora_gui.engine.checkpoint import is_disk_full
+
+    if is_disk_full(exc):
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        return Explanation(
+            f"The disk is full{where}: {exc}. Checkpoints saved so far are kept.",
+            "Free space on the disk holding output.dir (or lower output.keep_last), then resume from the latest "
+            "checkpoint.",
+            details,
+        )
     if _is_out_of_memory(exc):
         return Explanation(
             "The GPU ran out of memory. Checkpoints saved so far are kept.",

@@ -58,7 +58,7 @@ class TrainingRunner:
         self.output_dir: Path | None = None
 
     # ------------------------------------------------------------------ commands
-    def start(self, config: TrainingConfig, resume_from: str | Path | None = None) -> None:
+    def start(self, config: TrainingConfig, resume_from: str | Path | None = None, overwrite: bool = False) -> None:
         with self._lock:
             if self.is_active:
                 raise RunAlreadyActive("A training run is already in progress; stop it before starting another.")
@@ -66,7 +66,7 @@ class TrainingRunner:
             self._snapshot = RunSnapshot(state="running", max_steps=config.train.max_steps, status="Starting")
             self.output_dir = Path(config.output.dir)
             self._thread = threading.Thread(
-                target=self._run, args=(config, resume_from), name="lora-gui-training", daemon=True
+                target=self._run, args=(config, resume_from, overwrite), name="lora-gui-training", daemon=True
             )
             self._thread.start()
 
@@ -120,11 +120,11 @@ class TrainingRunner:
             )
 
     # ------------------------------------------------------------------ the thread
-    def _run(self, config: TrainingConfig, resume_from) -> None:
+    def _run(self, config: TrainingConfig, resume_from, overwrite: bool) -> None:
         from lora_gui.engine.train import train
 
         try:
-            train(config, self._record, self._controls, resume_from=resume_from)
+            train(config, self._record, self._controls, resume_from=resume_from, overwrite=overwrite)
         except Exception:  # already reported through a Failed event
             pass
         finally:

@@ -97,11 +97,13 @@ def render(
     settings: SampleSettings,
     progress: Callable[[int, int], None] | None = None,
     encoded: dict[str, dict] | None = None,
+    between_steps: Callable[[], None] | None = None,
 ) -> list:
     """One PIL image per prompt, each with seed ``settings.seed + index``; leaves global RNG state untouched.
 
     ``encoded`` maps prompts to embeddings from ``encode_sampling_prompts`` (valid while the text
-    encoders are frozen); other prompts are encoded on the spot.
+    encoders are frozen); other prompts are encoded on the spot. ``between_steps`` runs after every
+    denoising step (it may raise to abandon the images, for a prompt stop).
     """
     pipeline = family.build_pipeline(components)
     pipeline.set_progress_bar_config(disable=True)
@@ -116,12 +118,22 @@ def render(
             for index, prompt in enumerate(settings.prompts):
                 kwargs = pipeline_kwargs(family, components, pipeline, prompt, settings, settings.seed + index,
                                          (encoded or {}).get(prompt))
+                if between_steps is not None:
+                    kwargs["callback_on_step_end"] = _step_callback(between_steps)
                 images.append(pipeline(**kwargs).images[0])
                 if progress:
                     progress(index + 1, len(settings.prompts))
     finally:
         denoiser.train(was_training)
     return images
+
+
+def _step_callback(between_steps: Callable[[], None]):
+    def on_step_end(_pipeline, _step, _timestep, callback_kwargs):
+        between_steps()
+        return callback_kwargs
+
+    return on_step_end
 
 
 def _cuda_devices(device: torch.device) -> list[int]:

@@ -22,12 +22,13 @@ from lora_gui.engine.devices import (
     resolve_placement,
     text_encoder_device,
 )
-from lora_gui.engine.errors import NonFiniteLoss, TrainingError, explain
+from lora_gui.engine.errors import NonFiniteLoss, StopRequested, TrainingError, explain
 from lora_gui.engine.families.registry import get_family
 from lora_gui.engine.lora import inject_lora, load_lora_state, lora_parameters, lora_state_dicts
 from lora_gui.engine.lora_files import save_lora_files
 from lora_gui.engine.metrics import MetricsLog
 from lora_gui.engine.optim import build_lr_scheduler, build_optimizer, current_lr
+from lora_gui.engine.outputs import OutputLock, hold_output_folder, start_fresh
 from lora_gui.engine.quantize import quantize_denoiser
 from lora_gui.engine.sampling import SampleSettings, encode_sampling_prompts, render, save_images
 from lora_gui.events import (
@@ -57,9 +58,14 @@ def train(
     emit: Emit = ignore_events,
     controls: Controls | None = None,
     resume_from: str | Path | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Train a LoRA. Emits events as it goes; raises ``TrainingError`` (after emitting ``Failed``)."""
-    run = TrainingRun(config, emit, controls or Controls())
+    """Train a LoRA. Emits events as it goes; raises ``TrainingError`` (after emitting ``Failed``).
+
+    A run from step 0 refuses an output folder that holds an earlier run unless ``overwrite`` (which
+    deletes that run's LoRA, checkpoints, samples and metrics first).
+    """
+    run = TrainingRun(config, emit, controls or Controls(), overwrite)
     try:
         return run.execute(resume_from)
     except BaseException as exc:
@@ -95,10 +101,12 @@ class DataCursor:
 
 
 class TrainingRun:
-    def __init__(self, config: TrainingConfig, emit: Emit, controls: Controls) -> None:
+    def __init__(self, config: TrainingConfig, emit: Emit, controls: Controls, overwrite: bool = False) -> None:
         self.config = config
         self.emit = emit
         self.controls = controls
+        self.overwrite = overwrite
+        self.output_lock: OutputLock | None = None
         self.output_dir = Path(config.output.dir)
         self.family = get_family(config.model.family)
         self.step = 0
@@ -107,13 +115,25 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ orchestration
     def execute(self, resume_from: str | Path | None) -> TrainResult:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.output_lock = hold_output_folder(self.output_dir)
         resume = self.load_resume(resume_from)
+        if resume is None:
+            start_fresh(self.output_dir, self.config.output.name, self.overwrite)
+        try:
+            self.set_up(resume_from, resume)
+        except StopRequested:
+            return self.stopped_before_training()
+        return self.loop()
+
+    def set_up(self, resume_from: str | Path | None, resume: tuple[dict, dict] | None) -> None:
+        """Everything before the first step; a stop request ends it between units of work."""
         self.data = self.prepare_data()
         self.placement = resolve_placement(self.config)
         unload_all_captioners()  # a captioning model must not hold accelerator memory while training
+        self.check_stop()
         self.status(f"Loading {self.config.model.base} on {self.placement.describe()}")
         self.load_model()
+        self.check_stop()
         self.fill_caches()
         self.attach_lora()
         self.build_optimization()
@@ -123,7 +143,15 @@ class TrainingRun:
             self.restore(Path(resume_from), *resume)
         save_config(self.config, self.output_dir / "config.toml")
         self.metrics = MetricsLog(self.output_dir, self.step, self.config.output.tensorboard)
-        return self.loop()
+
+    def check_stop(self) -> None:
+        if self.controls.stop_requested:
+            raise StopRequested()
+
+    def stopped_before_training(self) -> TrainResult:
+        self.status("Stopped before training started; nothing was trained, so there is no checkpoint.")
+        self.emit(Stopped(step=self.step, checkpoint=None))
+        return TrainResult(status="stopped", step=self.step, lora_path=None, checkpoint=None)
 
     def status(self, text: str, current: int | None = None, total: int | None = None) -> None:
         self.emit(Status(text=text, current=current, total=total))
@@ -132,6 +160,9 @@ class TrainingRun:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        if self.output_lock is not None:
+            self.output_lock.release()
+            self.output_lock = None
 
     # ------------------------------------------------------------------ setup
     def load_resume(self, resume_from: str | Path | None) -> tuple[dict, dict] | None:
@@ -228,7 +259,13 @@ class TrainingRun:
                                          self.progress_status("Caching text embeddings"))
 
     def progress_status(self, label: str):
-        return lambda done, total: self.status(f"{label} {done}/{total}", done, total)
+        """A progress callback for one unit of work at a time; it is also where a stop request lands."""
+
+        def report(done: int, total: int) -> None:
+            self.check_stop()
+            self.status(f"{label} {done}/{total}", done, total)
+
+        return report
 
     def offload(self, module) -> None:
         """Caches are full: the module leaves the accelerator until sampling needs it."""
@@ -347,7 +384,10 @@ class TrainingRun:
                 self.save_checkpoint()
             every = self.config.sample.every
             if (every and self.step % every == 0 and self.step < train.max_steps) or self.controls.take_sample_request():
-                self.sample()
+                try:
+                    self.sample()
+                except StopRequested:
+                    return self.stop()
         return self.finish()
 
     def optimizer_step(self) -> float:
@@ -413,7 +453,10 @@ class TrainingRun:
             if self.controls.take_save_request():
                 self.save_checkpoint()
             if self.controls.take_sample_request():
-                self.sample()
+                try:
+                    self.sample()
+                except StopRequested:
+                    pass  # the loop stops (and saves) as soon as the pause ends
 
         self.controls.wait_while_paused(on_idle=while_paused)
         if not self.controls.stop_requested:
@@ -433,7 +476,7 @@ class TrainingRun:
         settings = self.sample_settings()
         self.status(f"Rendering {len(settings.prompts)} validation image(s) at step {self.step}")
         images = render(self.family, self.components, settings, progress=self.progress_status("Sampling"),
-                        encoded=self.sample_prompts)
+                        encoded=self.sample_prompts, between_steps=self.check_stop)
         paths = save_images(images, self.output_dir / "samples" / f"step-{self.step:06d}")
         self.emit(SamplesReady(step=self.step, paths=tuple(paths), prompts=settings.prompts))
 
@@ -441,7 +484,10 @@ class TrainingRun:
         kohya_path, diffusers_path = self.write_lora(self.output_dir / f"{self.config.output.name}.safetensors")
         checkpoint = self.save_checkpoint()
         if self.config.sample.every or self.config.sample.prompts:
-            self.sample()
+            try:
+                self.sample()
+            except StopRequested:
+                self.status("Stopped before the final validation images; the LoRA and checkpoint are saved.")
         self.status(f"Finished: {kohya_path}")
         self.emit(Finished(step=self.step, lora_path=str(kohya_path), diffusers_path=str(diffusers_path)))
         return TrainResult(status="finished", step=self.step, lora_path=str(kohya_path), checkpoint=checkpoint)

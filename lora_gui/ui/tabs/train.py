@@ -11,14 +11,14 @@ the error panel reads to name the next VRAM preset down after an out-of-memory e
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 import gradio as gr
 
 from lora_gui.config import ConfigError, TrainingConfig
-from lora_gui.engine.checkpoint import checkpoint_step, checkpoints_dir, list_checkpoints
+from lora_gui.engine.checkpoint import checkpoint_step, list_checkpoints
+from lora_gui.engine.outputs import previous_run_problem
 from lora_gui.engine.runner import RunAlreadyActive
 from lora_gui.ui import run_view
 from lora_gui.ui.comparison import release_cached_pipeline
@@ -63,23 +63,6 @@ def confine_paths(session, config: TrainingConfig) -> TrainingConfig:
     return config
 
 
-def previous_run_problem(output_dir: Path, name: str) -> str | None:
-    """Why starting from step 0 in ``output_dir`` would clobber an earlier run, or None."""
-    if (output_dir / f"{name}.safetensors").is_file():
-        return f"{output_dir.name} already holds a finished LoRA ({name}.safetensors)"
-    if list_checkpoints(output_dir):
-        return f"{output_dir.name} holds checkpoints of an earlier run"
-    return None
-
-
-def clear_previous_run(output_dir: Path, name: str) -> None:
-    """Overwrite: remove the earlier run's LoRA, checkpoints, samples and metrics (comparisons stay)."""
-    for folder in (checkpoints_dir(output_dir), output_dir / "samples"):
-        shutil.rmtree(folder, ignore_errors=True)
-    for file in (f"{name}.safetensors", f"{name}.diffusers.safetensors", "metrics.csv"):
-        (output_dir / file).unlink(missing_ok=True)
-
-
 def start_run(session, config_tab, values: dict, overwrite: bool = False) -> str:
     try:
         config = read_config(session, config_tab, values)
@@ -88,11 +71,7 @@ def start_run(session, config_tab, values: dict, overwrite: bool = False) -> str
         if problem and not overwrite:
             raise StartRefused(f"{problem}. Choose another output.dir on the Config tab, resume from one of its "
                                "checkpoints below, or tick Overwrite to train again from step 0 (deletes them).")
-        if problem and session.runner.is_active:
-            raise StartRefused("A training run is already in progress; stop it before starting another.")
-        if problem:
-            clear_previous_run(output, config.output.name)
-        return _launch(session, config, None)
+        return _launch(session, config, None, overwrite=bool(problem and overwrite))
     except StartRefused as exc:
         return f"⚠️ {exc}"
 
@@ -115,12 +94,12 @@ def resume_run(session, config_tab, values: dict, checkpoint: str | None) -> str
         return f"⚠️ {exc}"
 
 
-def _launch(session, config: TrainingConfig, resume_from: Path | None) -> str:
+def _launch(session, config: TrainingConfig, resume_from: Path | None, overwrite: bool = False) -> str:
     if session.runner.is_active:
         raise StartRefused("A training run is already in progress; stop it (or wait for it) before starting another.")
     release_cached_pipeline(session)
     try:
-        session.runner.start(config, resume_from=resume_from)
+        session.runner.start(config, resume_from=resume_from, overwrite=overwrite)
     except RunAlreadyActive as exc:
         raise StartRefused(str(exc)) from None
     session.train_started_config = config
