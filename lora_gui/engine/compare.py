@@ -164,6 +164,18 @@ def _check_lora_file(path: str) -> None:
         raise ValueError(f"LoRA file {path} does not exist.")
     if file.suffix.lower() != ".safetensors":
         raise ValueError(f"{path} is not a .safetensors file; only safetensors LoRA files are loaded (no pickles).")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            names = list(handle.keys())
+            for name in names:
+                handle.get_slice(name)  # each tensor's header must point inside the file
+    except Exception as exc:  # safetensors raises its own error type for every malformed file
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or damaged. "
+                         "Copy it again or pick another file.") from None
+    if not names:
+        raise ValueError(f"{path} holds no tensors; it is not a LoRA file.")
 
 
 def grid_image(cells: Sequence[ComparisonCell], scales: Sequence[float]):
