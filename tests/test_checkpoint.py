@@ -1,4 +1,5 @@
 import json
+import os
 import random
 from pathlib import Path
 
@@ -391,3 +392,61 @@ def test_progress_file_is_plain_json(tmp_path):
     assert json.loads((path / "progress.json").read_text())["step"] == 9
     entry = json.loads((path / COMPLETE_MARKER).read_text())["files"][LORA_FILE]
     assert entry["size"] > 0 and len(entry["sha256"]) == 64
+
+
+# ----------------------------------------------------------------------------- a real full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs (needs root and permission to mount; skipped otherwise)."""
+    import subprocess
+
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def _fill(folder: Path) -> None:
+    """Take every free byte of the disk holding ``folder``."""
+    with open(folder / "filler.bin", "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+
+
+def test_a_full_disk_is_reported_and_older_checkpoints_stay_intact(small_disk, monkeypatch):
+    import lora_gui.engine.checkpoint as checkpoint_module
+
+    monkeypatch.setattr(checkpoint_module, "DISK_MARGIN_BYTES", 0)
+    state = {"extra": {"weights": torch.zeros(64 * 1024)}}  # 256 kB
+    first = _save(small_disk, 1, training_state=state)
+
+    def write_then_fill(folder: Path) -> None:
+        _writer()(folder)
+        _fill(small_disk)  # the disk fills up after the free-space check, during the save itself
+
+    with pytest.raises(CheckpointError, match=r"The disk is full.*Free space on the disk holding"):
+        _save(small_disk, 2, training_state=state, write_lora=write_then_fill)
+    (small_disk / "filler.bin").unlink()
+    assert list_checkpoints(small_disk) == [first] and _leftovers(small_disk) == []
+    load_checkpoint(first)
+
+
+def test_not_enough_space_is_refused_before_writing(small_disk):
+    state = {"extra": {"weights": torch.zeros(1024 * 1024)}}  # 4 MB: more than the disk holds
+    with pytest.raises(CheckpointError, match=r"Not enough disk space to save a checkpoint in .*small-disk"):
+        _save(small_disk, 1, training_state=state)
+    assert list_checkpoints(small_disk) == [] and _leftovers(small_disk) == []
