@@ -291,8 +291,9 @@ class TrainingRun:
         for key, module in self.lora_modules.items():
             if key == self.family.denoiser_key:
                 module.enable_gradient_checkpointing()
-            else:
-                module.gradient_checkpointing_enable()
+            else:  # transformers 5.24 renamed it; the old name goes in transformers 6
+                enable = getattr(module, "activation_checkpointing_enable", None) or module.gradient_checkpointing_enable
+                enable()
 
     def build_optimization(self) -> None:
         train, lora = self.config.train, self.config.lora
