@@ -130,8 +130,9 @@ class TrainSection(Section):
     )
     min_snr_gamma: float = Field(0.0, ge=0.0, le=100.0, description="Min-SNR loss weighting gamma (0 disables; 5 is common).")
     noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="Noise offset for darker/brighter images (0.05 is common).")
-    timestep_sampling: Literal["uniform", "logit_normal", "shift"] = Field(
-        "shift", description="Flux: how training timesteps are drawn."
+    timestep_sampling: Literal["uniform", "logit_normal", "shift", "resolution_shift"] = Field(
+        "shift", description="Flux: how training timesteps are drawn (resolution_shift: shifted as the pipeline "
+                             "shifts them for each batch's image size; shift: by the fixed flow_shift)."
     )
     logit_mean: float = Field(0.0, ge=-5.0, le=5.0, description="Flux: mean of the logit-normal timestep density.")
     logit_std: float = Field(1.0, gt=0.0, le=5.0, description="Flux: standard deviation of the logit-normal density.")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -93,3 +96,26 @@ def test_uniform_sampling_is_uniform():
     sigmas = FlowMatchingObjective(sampling="uniform").sample_sigmas(20000, torch.Generator().manual_seed(2))
     assert 0.0 <= sigmas.min() and sigmas.max() <= 1.0
     assert abs(sigmas.mean().item() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("pixels", [(512, 512), (1024, 1024), (768, 1344)])
+def test_resolution_shift_is_the_flux_pipelines_shift(pixels):
+    """The shift equals exp(mu) as FluxPipeline computes mu, and the sigmas the scheduler's dynamic shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from lora_gui.engine.objectives import ResolutionShift
+
+    config = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15,
+              "use_dynamic_shifting": True}
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    latent_h, latent_w = pixels[0] // 8, pixels[1] // 8
+    image_seq_len = (latent_h // 2) * (latent_w // 2)  # FluxPipeline: latents.shape[1] after 2x2 packing
+    mu = calculate_shift(image_seq_len, 256, 4096, 0.5, 1.15)
+    shifting = ResolutionShift.from_scheduler_config(scheduler.config, patch=2)
+    assert shifting.shift(latent_h, latent_w) == pytest.approx(math.exp(mu))
+
+    objective = FlowMatchingObjective(sampling="resolution_shift", resolution_shift=shifting)
+    drawn = objective.sample_sigmas(64, torch.Generator().manual_seed(5), (latent_h, latent_w))
+    plain = FlowMatchingObjective(sampling="logit_normal").sample_sigmas(64, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(drawn, scheduler.time_shift(mu, 1.0, plain))

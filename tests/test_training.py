@@ -43,7 +43,7 @@ def load_pipeline(family: str, base_folder):
         ("sd15", "builtin:tiny-sd15", ["lora.train_text_encoder=true", "train.min_snr_gamma=5"]),
         ("sdxl", "builtin:tiny-sdxl", ["lora.train_text_encoder=true", "train.prediction_type=v_prediction",
                                         "train.gradient_checkpointing=true", "train.optimizer=adamw8bit"]),
-        ("flux", "builtin:tiny-flux", ["lora.targets=all+ffs"]),
+        ("flux", "builtin:tiny-flux", ["lora.targets=all+ffs", "train.timestep_sampling=resolution_shift"]),
         ("flux", "builtin:tiny-flux-schnell", ["train.timestep_sampling=logit_normal"]),
     ],
 )

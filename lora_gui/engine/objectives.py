@@ -7,6 +7,7 @@ All randomness comes from the generator passed in, so a resumed run draws the sa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -84,31 +85,80 @@ class DiffusionObjective:
         return weighted_mse(prediction, batch.target, batch.weights)
 
 
+@dataclass(frozen=True)
+class ResolutionShift:
+    """The shift a flow-matching pipeline derives from the image size: exp(mu), with mu linear in the
+    number of image tokens between (base_seq_len, base_shift) and (max_seq_len, max_shift).
+
+    ``patch`` is how many latent pixels per side make one token (2 for Flux.1's 2x2 packing).
+    """
+
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    patch: int = 2
+
+    @classmethod
+    def from_scheduler_config(cls, config, patch: int = 2) -> ResolutionShift:
+        """The values a pipeline reads from its scheduler's config (with the pipelines' defaults)."""
+        read = config.get if hasattr(config, "get") else (lambda key, default: getattr(config, key, default))
+        return cls(int(read("base_image_seq_len", 256)), int(read("max_image_seq_len", 4096)),
+                   float(read("base_shift", 0.5)), float(read("max_shift", 1.15)), patch)
+
+    def image_seq_len(self, latent_height: int, latent_width: int) -> int:
+        return (latent_height // self.patch) * (latent_width // self.patch)
+
+    def mu(self, image_seq_len: int) -> float:
+        slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        return image_seq_len * slope + self.base_shift - slope * self.base_seq_len
+
+    def shift(self, latent_height: int, latent_width: int) -> float:
+        return math.exp(self.mu(self.image_seq_len(latent_height, latent_width)))
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
 class FlowMatchingObjective:
-    """Rectified flow: x_t = (1 - t) x_0 + t noise, target noise - x_0 (Flux)."""
+    """Rectified flow: x_t = (1 - t) x_0 + t noise, target noise - x_0 (Flux).
+
+    Timesteps: ``uniform``; ``logit_normal``; ``shift`` (logit-normal, shifted by the fixed ``shift``);
+    ``resolution_shift`` (logit-normal, shifted by the shift the pipeline uses for the batch's image size).
+    """
+
+    SAMPLINGS = ("uniform", "logit_normal", "shift", "resolution_shift")
 
     def __init__(self, sampling: str = "shift", logit_mean: float = 0.0, logit_std: float = 1.0,
-                 shift: float = 3.0, num_train_timesteps: int = 1000) -> None:
-        if sampling not in ("uniform", "logit_normal", "shift"):
-            raise ValueError(f"timestep sampling {sampling!r} is not supported; use uniform, logit_normal or shift")
+                 shift: float = 3.0, num_train_timesteps: int = 1000,
+                 resolution_shift: ResolutionShift | None = None) -> None:
+        if sampling not in self.SAMPLINGS:
+            raise ValueError(f"timestep sampling {sampling!r} is not supported; use one of {', '.join(self.SAMPLINGS)}")
         self.sampling = sampling
         self.logit_mean = logit_mean
         self.logit_std = logit_std
         self.shift = shift
         self.num_train_timesteps = num_train_timesteps
+        self.resolution_shift = resolution_shift or ResolutionShift()
 
-    def sample_sigmas(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+    def sample_sigmas(self, batch: int, generator: torch.Generator,
+                      latent_size: tuple[int, int] | None = None) -> torch.Tensor:
         if self.sampling == "uniform":
             return torch.rand((batch,), generator=generator, device=generator.device)
         normal = torch.randn((batch,), generator=generator, device=generator.device)
         sigmas = torch.sigmoid(self.logit_mean + self.logit_std * normal)
         if self.sampling == "shift":
-            sigmas = self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+            sigmas = shift_sigmas(sigmas, self.shift)
+        elif self.sampling == "resolution_shift":
+            if latent_size is None:
+                raise ValueError("resolution_shift needs the latents' size")
+            sigmas = shift_sigmas(sigmas, self.resolution_shift.shift(*latent_size))
         return sigmas
 
     def add_noise(self, latents: torch.Tensor, generator: torch.Generator) -> NoisedBatch:
         noise = _randn(latents.shape, generator, latents)
-        sigmas = self.sample_sigmas(latents.shape[0], generator).to(latents.device)
+        sigmas = self.sample_sigmas(latents.shape[0], generator, tuple(latents.shape[-2:])).to(latents.device)
         expanded = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
         noisy = (1.0 - expanded) * latents + expanded * noise
         return NoisedBatch(

@@ -22,7 +22,7 @@ from lora_gui.engine.families.sd15 import (
     frozen_components,
     unwrap,
 )
-from lora_gui.engine.objectives import FlowMatchingObjective
+from lora_gui.engine.objectives import FlowMatchingObjective, ResolutionShift
 
 if TYPE_CHECKING:
     from lora_gui.config import ModelSection, TrainSection
@@ -101,6 +101,7 @@ class FluxFamily(ModelFamily):
         return FlowMatchingObjective(
             train.timestep_sampling, logit_mean=train.logit_mean, logit_std=train.logit_std, shift=train.flow_shift,
             num_train_timesteps=components.scheduler.config.num_train_timesteps,
+            resolution_shift=ResolutionShift.from_scheduler_config(components.scheduler.config, patch=2),
         )
 
     def predict(self, components: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
