@@ -203,10 +203,11 @@ def test_symlinked_caption_outside_is_neither_read_nor_written(dataset, tmp_path
     secret.write_text("secret", encoding="utf-8")
     (dataset / "img0.txt").unlink()
     (dataset / "img0.txt").symlink_to(secret)
-    rows, loaded, _ = E.editor_rows(dataset)
-    assert rows[0] == ["img0.png", ""]
+    rows, loaded, note = E.editor_rows(dataset)
+    assert "img0.png" not in loaded and "secret" not in str(rows)  # left out, and the note says why
+    assert "Left out 1 link(s) that lead outside the dataset folder: `img0.txt`" in note
     with pytest.raises(CaptionsError, match="outside the dataset folder"):
-        E.save_edits(dataset, {"img0.png": "x"}, loaded)
+        E.save_edits(dataset, {"img0.png": "x"}, {**loaded, "img0.png": ""})  # a forged table row
     assert secret.read_text() == "secret"
 
 

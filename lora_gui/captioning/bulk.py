@@ -3,6 +3,10 @@
 Each ``preview_*`` returns the ``Change``s it would make and writes nothing. ``apply_changes``
 stores the previous texts in ``<dataset>/.lora-gui-undo.json`` first, then writes each caption
 atomically; ``undo_last`` puts them back, refusing if a caption was edited in between.
+
+Previews follow links like training does, unless given ``confine=folder``: then images whose file or
+caption resolves outside that folder are left out, so their text is never read or shown (the app
+passes the dataset folder). ``apply_changes`` never writes outside the dataset folder either way.
 """
 
 from __future__ import annotations
@@ -48,36 +52,37 @@ class UndoRecord:
 
 
 def preview_find_replace(root: str | Path, find: str, replace: str, regex: bool = False,
-                         case_sensitive: bool = True, caption_extension: str = ".txt") -> list[Change]:
+                         case_sensitive: bool = True, caption_extension: str = ".txt", *,
+                         confine: str | Path | None = None) -> list[Change]:
     """Replace ``find`` (plain text, or a regular expression with ``\\1`` groups) in every caption."""
     if not find:
         raise BulkEditError("Type the text to find.")
     pattern = _compile(find, regex, case_sensitive)
     changes = []
-    for path, text, exists in _captions(root, caption_extension):
+    for path, text, exists in _captions(root, caption_extension, confine):
         if not exists:
             continue
         try:
             after = pattern.sub(replace if regex else lambda _match: replace, text, timeout=REGEX_SECONDS)
         except TimeoutError:
-            raise BulkEditError(f"The expression {find!r} takes too long on {Path(path).name} (over "
+            raise BulkEditError(f"The expression {_shown(find)} takes too long on {Path(path).name} (over "
                                 f"{REGEX_SECONDS:g} s); simplify it, for example avoid nested or overlapping repeats like (a|aa)+.") from None
         except (re.error, IndexError) as exc:
-            raise BulkEditError(f"The replacement {replace!r} is not valid for this expression ({exc}). Refer to "
-                                "groups as \\1 or \\g<name>, and write \\\\ for a backslash.") from None
+            raise BulkEditError(f"The replacement {_shown(replace)} is not valid for this expression ({exc}). "
+                                "Refer to groups as \\1 or \\g<name>, and write \\\\ for a backslash.") from None
         if after != text:
             changes.append(Change(path, text, tidy_caption(after)))
     return changes
 
 
 def preview_add_tag(root: str | Path, tag: str, position: str = "end",
-                    caption_extension: str = ".txt") -> list[Change]:
+                    caption_extension: str = ".txt", *, confine: str | Path | None = None) -> list[Change]:
     """Add ``tag`` (or several, comma-separated) to every caption that lacks it; creates missing captions."""
     tags = _tags(tag)
     if position not in ("start", "end"):
-        raise BulkEditError(f"position must be 'start' or 'end', not {position!r}.")
+        raise BulkEditError(f"position must be 'start' or 'end', not {_shown(position)}.")
     changes = []
-    for path, text, exists in _captions(root, caption_extension):
+    for path, text, exists in _captions(root, caption_extension, confine):
         missing = [t for t in tags if not has_tag(text, t)]
         if missing:
             after = join_parts(*missing, text) if position == "start" else join_parts(text, *missing)
@@ -85,11 +90,12 @@ def preview_add_tag(root: str | Path, tag: str, position: str = "end",
     return changes
 
 
-def preview_remove_tag(root: str | Path, tag: str, caption_extension: str = ".txt") -> list[Change]:
+def preview_remove_tag(root: str | Path, tag: str, caption_extension: str = ".txt", *,
+                       confine: str | Path | None = None) -> list[Change]:
     """Remove ``tag`` (or several, comma-separated) wherever it is a whole comma-separated tag, any case."""
     unwanted = {t.lower() for t in _tags(tag)}
     changes = []
-    for path, text, exists in _captions(root, caption_extension):
+    for path, text, exists in _captions(root, caption_extension, confine):
         tags = split_tags(text)
         kept = [t for t in tags if t.lower() not in unwanted]
         if exists and len(kept) != len(tags):
@@ -97,13 +103,14 @@ def preview_remove_tag(root: str | Path, tag: str, caption_extension: str = ".tx
     return changes
 
 
-def preview_prepend_trigger(root: str | Path, trigger: str, caption_extension: str = ".txt") -> list[Change]:
+def preview_prepend_trigger(root: str | Path, trigger: str, caption_extension: str = ".txt", *,
+                            confine: str | Path | None = None) -> list[Change]:
     """Put ``trigger`` first in every caption that lacks it as a whole word; creates missing captions."""
     trigger = clean_text(trigger)
     if not trigger:
         raise BulkEditError("Type the trigger word to add.")
     changes = []
-    for path, text, exists in _captions(root, caption_extension):
+    for path, text, exists in _captions(root, caption_extension, confine):
         after = add_trigger(text, trigger)
         if after != text:
             changes.append(Change(path, text, after, created=not exists))
@@ -171,12 +178,14 @@ def undo_last(root: str | Path) -> UndoRecord:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _captions(root: str | Path, extension: str) -> Iterator[tuple[Path, str, bool]]:
-    """(caption path, its text, whether it exists) for each image's caption, each file once."""
+def _captions(root: str | Path, extension: str, confine: str | Path | None = None
+              ) -> Iterator[tuple[Path, str, bool]]:
+    """(caption path, its text, whether it exists) for each image's caption, each file once; with ``confine``
+    only images whose file and caption resolve inside that folder."""
     root = _folder(root)
     extension = normalize_extension(extension)
     seen = set()
-    for file in find_image_files(root, extension):
+    for file in find_image_files(root, extension, confine=confine):
         path = caption_target(file, root, extension)
         if path in seen:
             continue
@@ -196,6 +205,13 @@ def _state(path: Path, before: str, after: str, created: bool) -> str:
 
 
 REGEX_SECONDS = 1.0  # per caption: a pathological expression must not occupy the app
+_SHOWN_CHARS = 120  # characters of a typed value repeated in a message
+
+
+def _shown(text: str) -> str:
+    """A typed value as an error message repeats it (``repr``), cut to ``_SHOWN_CHARS``."""
+    shown = repr(text)
+    return shown if len(shown) <= _SHOWN_CHARS else f"{shown[:_SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def _compile(find: str, regex: bool, case_sensitive: bool) -> re.Pattern:
@@ -203,8 +219,8 @@ def _compile(find: str, regex: bool, case_sensitive: bool) -> re.Pattern:
     try:
         return re.compile(find if regex else re.escape(find), flags)
     except re.error as exc:
-        raise BulkEditError(f"{find!r} is not a valid regular expression ({exc.msg} at position {exc.pos}). Fix "
-                            "it, or turn regex off to search for the text exactly as typed.") from None
+        raise BulkEditError(f"{_shown(find)} is not a valid regular expression ({exc.msg} at position {exc.pos}). "
+                            "Fix it, or turn regex off to search for the text exactly as typed.") from None
 
 
 def _tags(text: str) -> list[str]:
@@ -215,8 +231,9 @@ def _tags(text: str) -> list[str]:
 
 
 def _read_undo(root: Path) -> dict:
+    undo = _inside(root, root / UNDO_FILE)  # a link leading out of the folder is not read
     try:
-        record = json.loads((root / UNDO_FILE).read_text(encoding="utf-8"))
+        record = json.loads(undo.read_text(encoding="utf-8"))
         if record.get("version") != UNDO_VERSION or not isinstance(record.get("files"), list):
             raise ValueError("unknown format")
         return record

@@ -4,6 +4,12 @@ Layouts: images with same-stem captions side by side (``a.png`` + ``a.txt``), or
 ``images/`` folder with a parallel ``captions/`` folder. Subfolders named like kohya's
 ``5_name`` repeat their images 5 times per epoch. Files that cannot be used are reported
 (one log line each) and skipped; nothing here raises for a bad file.
+
+Links are followed by default: on the user's own machine a dataset may link to images kept
+elsewhere. The app confines what it serves: ``find_image_files(..., confine=folder)`` (or any call
+inside ``with confined_to(folder):``, which reaches code such as the dataset doctor that calls
+``find_image_files`` itself) leaves out every image whose file or caption resolves outside
+``folder``; ``outside_links`` names the entries that were left out and why.
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +32,9 @@ MAX_REPEATS = 1000  # a folder such as "2024_holiday" is a name, not 2024 repeat
 _MAX_PROBE_THREADS = 8
 
 Log = Callable[[str], None]
+# The folder that scans in this context are confined to (None: follow links anywhere). A context
+# variable, so each request / thread has its own and two runs never see each other's.
+_CONFINE: ContextVar[Path | None] = ContextVar("lora_gui_scan_confine", default=None)
 
 
 @dataclass(frozen=True)
@@ -101,11 +112,16 @@ def check_dataset_dir(root: str | Path) -> Path:
 
 
 def find_image_files(
-    root: str | Path, caption_extension: str = ".txt", default_repeats: int = 1
+    root: str | Path, caption_extension: str = ".txt", default_repeats: int = 1, confine: str | Path | None = None
 ) -> list[ImageFile]:
-    """Image files under ``root`` (hidden files and folders ignored), in a stable order."""
+    """Image files under ``root`` (hidden files and folders ignored), in a stable order.
+
+    ``confine`` (default: the folder of an enclosing ``confined_to``, else none): leave out images whose
+    file, or whose caption (existing or where it would be written), resolves outside that folder.
+    """
     root = Path(root)
     extension = normalize_extension(caption_extension)
+    limit = Path(confine).resolve() if confine is not None else _CONFINE.get()
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
@@ -115,8 +131,51 @@ def find_image_files(
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             path = folder / name
+            if limit is not None and not _stays_inside(path, root, extension, limit):
+                continue
             found.append(ImageFile(path, find_caption(path, root, extension), repeats))
     return found
+
+
+@contextmanager
+def confined_to(folder: str | Path) -> Iterator[Path]:
+    """Within this block (this thread or task only), every ``find_image_files`` is confined to ``folder``."""
+    limit = Path(folder).resolve()
+    token = _CONFINE.set(limit)
+    try:
+        yield limit
+    finally:
+        _CONFINE.reset(token)
+
+
+def outside_links(root: str | Path, confine: str | Path, limit: int = 1000) -> list[SkippedFile]:
+    """Entries under ``root`` (hidden ones ignored) that are links resolving outside ``confine``: what a
+    confined scan leaves out. Folder links are not entered; at most ``limit`` entries are returned."""
+    root, bound = Path(root), Path(confine).resolve()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+        for name in sorted([*dirnames, *filenames]):
+            path = Path(dirpath) / name
+            if name.startswith(".") or not path.is_symlink() or _inside(path, bound):
+                continue
+            kind = "folder" if path.is_dir() else "file"
+            found.append(SkippedFile(path, f"a link to a {kind} outside {bound}"))
+            if len(found) >= limit:
+                return found
+    return found
+
+
+def _stays_inside(image: Path, root: Path, extension: str, limit: Path) -> bool:
+    """The image and every place its caption is read from or written to resolve inside ``limit``."""
+    return all(_inside(path, limit) for path in (image, *caption_candidates(image, root, extension)))
+
+
+def _inside(path: Path, limit: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(limit)
+    except (OSError, RuntimeError):  # a link loop, an unreadable folder: not known to be inside
+        return False
 
 
 def folder_repeats(relative_folder: Path, default: int) -> int:
@@ -130,13 +189,18 @@ def folder_repeats(relative_folder: Path, default: int) -> int:
 
 def find_caption(image: Path, root: Path, extension: str) -> Path | None:
     """``a.txt`` beside ``a.png``, else the same relative path under a ``captions/`` sibling of ``images/``."""
+    return next((path for path in caption_candidates(image, root, extension) if path.is_file()), None)
+
+
+def caption_candidates(image: Path, root: Path, extension: str) -> list[Path]:
+    """Where the image's caption may be, in the order ``find_caption`` looks."""
     candidates = [image.with_name(image.stem + extension)]
     parts = image.relative_to(root).parts
     folders = [part.lower() for part in parts[:-1]]
     if "images" in folders:
         i = len(folders) - 1 - folders[::-1].index("images")
         candidates.append(root.joinpath(*parts[:i], "captions", *parts[i + 1 : -1], image.stem + extension))
-    return next((path for path in candidates if path.is_file()), None)
+    return candidates
 
 
 def read_caption(path: str | Path) -> str:

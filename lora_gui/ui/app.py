@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lora_gui.ui.dataset_view import MAX_IMAGE_BYTES
+from lora_gui.ui.login import LoginGuard, login_options
 from lora_gui.ui.session import AppSession
 from lora_gui.ui.workspace import Workspace
 
@@ -21,7 +22,8 @@ CSS = """
 """
 
 
-def build_app(session: AppSession):
+def build_app(session: AppSession, notice: str | None = None):
+    """The app; ``notice`` (Markdown) is shown under the title, e.g. the warning that no password is set."""
     import gradio as gr
 
     from lora_gui.ui.tabs import captions, config, dataset, test, train
@@ -29,6 +31,8 @@ def build_app(session: AppSession):
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(f"# {TITLE}\nTrain LoRA adapters for Stable Diffusion 1.5, SDXL and Flux.1. "
                     f"Workspace: `{session.workspace.root}`")
+        if notice:
+            gr.Markdown(notice, elem_id="launch-notice", elem_classes="lg-error")
         with gr.Tabs():
             with gr.Tab("Dataset", id="dataset") as dataset_panel:
                 dataset_tab = dataset.build(session, dataset_panel)
@@ -83,12 +87,25 @@ def resolve_auth(args: argparse.Namespace) -> tuple[str, str] | None:
     return None
 
 
+def open_access_warning(args: argparse.Namespace, auth: tuple[str, str] | None) -> str | None:
+    """The warning for ``--listen`` without a password (Markdown), or None."""
+    if not args.listen or auth is not None:
+        return None
+    return ("⚠️ **No password is set, and the app accepts connections from other machines (--listen).** "
+            f"Anyone who can reach this computer on port {args.port} can use it: see and change your datasets, "
+            "captions and configs, and start training. To require a password, restart with "
+            "`--auth user:pass`, for example `lora-gui --listen --auth me:a-long-password`.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     auth = resolve_auth(args)
+    warning = open_access_warning(args, auth)
+    if warning:
+        print(warning.replace("**", "").replace("`", "'"), file=sys.stderr, flush=True)
     workspace = Workspace.create(Path(args.workspace))
     session = AppSession(workspace=workspace)
-    app = build_app(session)
+    app = build_app(session, notice=warning)
     if args.share and not args.auth:
         print(f"Share link protection: user '{auth[0]}', password '{auth[1]}'", flush=True)
     import gradio as gr
@@ -98,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         server_name="0.0.0.0" if args.listen else "127.0.0.1",
         server_port=args.port,
         share=args.share,
-        auth=auth,
         allowed_paths=workspace.allowed_paths(),
         inbrowser=not args.no_browser,
         theme=gr.themes.Soft(),
         css=CSS,
         footer_links=["settings"],
         max_file_size=MAX_UPLOAD_BYTES,
+        **login_options(LoginGuard(*auth) if auth else None),
     )
     return 0

@@ -1,4 +1,7 @@
-"""The Captions tab's bulk edits, free of Gradio: preview, apply exactly what was previewed, undo."""
+"""The Captions tab's bulk edits, free of Gradio: preview, apply exactly what was previewed, undo.
+
+Previews are confined to the dataset folder: an image whose file or caption is a link leading outside
+it is left out (the preview names those links), so no outside text is shown or written."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from typing import Any
 from lora_gui.captioning import bulk
 from lora_gui.captioning.bulk import BulkEditError, Change
 from lora_gui.ui.caption_common import CaptionsError, plain_text, relative_name
-from lora_gui.ui.dataset_view import md_code
+from lora_gui.ui.dataset_view import md_code, outside_note
+from lora_gui.ui.workspace import clip
 
 OPERATIONS = {"replace": "Find and replace", "add_tag": "Add tag", "remove_tag": "Remove tag",
               "trigger": "Add the trigger word where missing"}
@@ -24,6 +28,7 @@ class PendingEdit:
     root: Path
     changes: tuple[Change, ...]
     description: str
+    left_out: str = ""  # the note naming links that lead outside the folder, "" when none
 
 
 def preview_bulk(root: Path, form: dict) -> PendingEdit:
@@ -37,17 +42,19 @@ def preview_bulk(root: Path, form: dict) -> PendingEdit:
     try:
         if operation == "replace":
             changes = bulk.preview_find_replace(root, find, replace, regex=form.get("regex") is True,
-                                                case_sensitive=form.get("case_sensitive") is not False)
-            description = f"replace {find!r} with {replace!r}"
+                                                case_sensitive=form.get("case_sensitive") is not False, confine=root)
+            description = f"replace {_quoted(find)} with {_quoted(replace)}"
         elif operation == "add_tag":
-            changes, description = bulk.preview_add_tag(root, tag, position), f"add tag {tag!r} at the {position}"
+            changes = bulk.preview_add_tag(root, tag, position, confine=root)
+            description = f"add tag {_quoted(tag)} at the {position}"
         elif operation == "remove_tag":
-            changes, description = bulk.preview_remove_tag(root, tag), f"remove tag {tag!r}"
+            changes, description = bulk.preview_remove_tag(root, tag, confine=root), f"remove tag {_quoted(tag)}"
         else:
-            changes, description = bulk.preview_prepend_trigger(root, trigger), f"add trigger word {trigger!r}"
+            changes = bulk.preview_prepend_trigger(root, trigger, confine=root)
+            description = f"add trigger word {_quoted(trigger)}"
     except BulkEditError as exc:
         raise CaptionsError(str(exc)) from None
-    return PendingEdit(root, tuple(changes), description)
+    return PendingEdit(root, tuple(changes), description, outside_note(root, root, "the dataset folder"))
 
 
 def preview_rows(pending: PendingEdit) -> tuple[list[list[str]], str]:
@@ -55,10 +62,12 @@ def preview_rows(pending: PendingEdit) -> tuple[list[list[str]], str]:
             for c in pending.changes[:MAX_PREVIEW_ROWS]]
     count = len(pending.changes)
     if not count:
-        return rows, f"Nothing to change: no caption is affected by {md_code(pending.description)}."
-    shown = f" (showing the first {MAX_PREVIEW_ROWS})" if count > MAX_PREVIEW_ROWS else ""
-    return rows, (f"Preview: {md_code(pending.description)} changes {count} caption file(s){shown}. Nothing is "
-                  "written until you press **Apply**.")
+        message = f"Nothing to change: no caption is affected by {md_code(pending.description)}."
+    else:
+        shown = f" (showing the first {MAX_PREVIEW_ROWS})" if count > MAX_PREVIEW_ROWS else ""
+        message = (f"Preview: {md_code(pending.description)} changes {count} caption file(s){shown}. Nothing is "
+                   "written until you press **Apply**.")
+    return rows, f"{message} {pending.left_out}" if pending.left_out else message
 
 
 def apply_bulk(pending: Any, root: Path) -> str:
@@ -92,6 +101,11 @@ def last_edit_note(root: Path) -> str:
         return "No bulk edit to undo in this folder."
     return (f"Last bulk edit here: {md_code(record.description)} ({record.files} file(s)); **Undo last bulk edit** "
             "reverts it.")
+
+
+def _quoted(text: str) -> str:
+    """A typed value in the edit's description, as ``repr`` shows it, cut to a readable length."""
+    return clip(repr(text))
 
 
 def _plain_raw(value: Any, what: str) -> str:

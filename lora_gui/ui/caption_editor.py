@@ -1,6 +1,8 @@
 """The Captions tab's inline editor, free of Gradio: the table of captions, saving edits, the image preview.
 
-Edits are saved only where the caption file has not changed on disk since the table was loaded.
+Edits are saved only where the caption file has not changed on disk since the table was loaded. Images
+whose file or caption is a link leading outside the dataset folder are left out (and named in the note);
+no caption is ever read or written through such a link.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from lora_gui.captioning.files import caption_target, write_text_atomic
 from lora_gui.data.images import ImageLoadError, load_rgb
 from lora_gui.data.scan import IMAGE_EXTENSIONS, ImageFile, find_caption, find_image_files, read_caption
 from lora_gui.ui.caption_common import EXTENSION, MAX_FIELD, CaptionsError, relative_name
-from lora_gui.ui.dataset_view import md_code
+from lora_gui.ui.dataset_view import md_code, outside_note
+from lora_gui.ui.workspace import clip
 
 EDITOR_HEADERS = ["File", "Caption"]
 MAX_ROWS = 2000  # rows in the editor table
@@ -25,14 +28,15 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 def editor_rows(root: Path) -> tuple[list[list[str]], dict[str, str], str]:
     """(table rows [file, caption], the captions as loaded, a note) for the images in ``root``."""
-    files = find_image_files(root, EXTENSION)
+    files = find_image_files(root, EXTENSION, confine=root)
     rows = [[relative_name(file.path, root), _read(file.caption_path, root)] for file in files[:MAX_ROWS]]
     note = f"{len(files)} image(s) in {md_code(root.name)}."
     if len(files) > MAX_ROWS:
         note += f" Showing the first {MAX_ROWS}; use the bulk edits below for the rest."
     elif not files:
         note = f"No images in {md_code(root.name)} yet: add some on the Dataset tab."
-    return rows, {row[0]: row[1] for row in rows}, note
+    left_out = outside_note(root, root, "the dataset folder")
+    return rows, {row[0]: row[1] for row in rows}, f"{note} {left_out}" if left_out else note
 
 
 def table_edits(rows: Any, loaded: dict[str, str]) -> dict[str, str]:
@@ -72,7 +76,7 @@ def save_edits(root: Path, edits: dict[str, str], loaded: dict[str, str]) -> Sav
     result, planned = SaveResult(), []
     for name, text in edits.items():
         if name not in (loaded or {}):
-            raise CaptionsError(f"{name} is not in the table as loaded; press Reload, then edit again.")
+            raise CaptionsError(f"{clip(name)} is not in the table as loaded; press Reload, then edit again.")
         target = caption_file(root, name)
         if _read(target if target.is_file() else None, root) != loaded[name]:
             result.conflicts.append(name)
@@ -95,7 +99,8 @@ def caption_file(root: Path, name: Any) -> Path:
     image = image_path(root, name)
     target = caption_target(ImageFile(image, find_caption(image, root, EXTENSION), 1), root, EXTENSION)
     if not target.resolve().is_relative_to(root.resolve()):
-        raise CaptionsError(f"The caption file of {name} is outside the dataset folder; it is left alone.")
+        raise CaptionsError(f"The caption file of {clip(name)} is outside the dataset folder (or a link that leads "
+                            "there); it is left alone.")
     return target
 
 
@@ -106,7 +111,7 @@ def image_path(root: Path, name: Any) -> Path:
     hidden = any(part.startswith(".") for part in Path(name).parts)
     if (Path(name).is_absolute() or hidden or path.suffix.lower() not in IMAGE_EXTENSIONS
             or not path.resolve().is_relative_to(root.resolve()) or not path.is_file()):
-        raise CaptionsError(f"{name} is not an image in the dataset folder {root.name}; press Reload.")
+        raise CaptionsError(f"{clip(name)} is not an image in the dataset folder {root.name}; press Reload.")
     return path
 
 
@@ -122,7 +127,7 @@ def preview_image(root: Path, name: Any):
 
 def _caption_text(text: Any, name: str) -> str:
     if not isinstance(text, str) or len(text) > MAX_CAPTION:
-        raise CaptionsError(f"The caption of {name} must be text of at most {MAX_CAPTION} characters.")
+        raise CaptionsError(f"The caption of {clip(name)} must be text of at most {MAX_CAPTION} characters.")
     return _CONTROL.sub("", text.replace("\r\n", "\n")).strip()
 
 

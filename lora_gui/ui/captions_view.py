@@ -23,6 +23,7 @@ from lora_gui.captioning import (
     get_captioner,
     list_captioners,
 )
+from lora_gui.data.scan import confined_to
 from lora_gui.engine.families.loading import HUB_ID
 from lora_gui.events import Event, Status
 from lora_gui.ui.caption_bulk_view import (
@@ -52,8 +53,8 @@ from lora_gui.ui.caption_editor import (
     save_edits,
     table_edits,
 )
-from lora_gui.ui.dataset_view import DatasetViewError, md_code, resolve_dataset
-from lora_gui.ui.workspace import OutsideWorkspace, Workspace
+from lora_gui.ui.dataset_view import DatasetViewError, md_code, outside_note, resolve_dataset
+from lora_gui.ui.workspace import BadPath, OutsideWorkspace, Workspace, clip
 
 DEFAULT_CAPTIONER = "blip"
 DEFAULT_TEMPLATE = "photo of {trigger}"
@@ -105,17 +106,24 @@ def resolve_model(workspace: Workspace, name: str, text: Any) -> str | None:
         return None
     try:
         path = workspace.resolve(model)
+        is_folder, exists = path.is_dir(), path.exists()
+        hub_id = bool(HUB_ID.match(model)) and not Path(model).expanduser().exists()
+    except BadPath as exc:
+        raise CaptionerError(f"The model: {exc}") from None
     except OutsideWorkspace:
-        raise CaptionerError(f"The model folder {model} is outside the workspace. Copy it under "
+        raise CaptionerError(f"The model folder {clip(model)} is outside the workspace. Copy it under "
                              f"{workspace.root}, or give a Hugging Face id such as owner/name.") from None
-    if path.is_dir():
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise CaptionerError(f"The model {clip(model)} can't be used ({exc.strerror or exc}); give a folder inside "
+                             "the workspace or a Hugging Face id such as owner/name.") from None
+    if is_folder:
         return str(path)
-    if path.exists():
-        raise CaptionerError(f"{model} is a file: give the folder that holds the model.")
-    if HUB_ID.match(model) and not Path(model).expanduser().exists():
+    if exists:
+        raise CaptionerError(f"{clip(model)} is a file: give the folder that holds the model.")
+    if hub_id:
         return model
-    raise CaptionerError(f"The model {model!r} is neither a folder inside the workspace nor a Hugging Face id "
-                         "(owner/name). Leave it empty to use the captioner's default model.")
+    raise CaptionerError(f"The model {clip(repr(model))} is neither a folder inside the workspace nor a Hugging "
+                         "Face id (owner/name). Leave it empty to use the captioner's default model.")
 
 
 def build_job(workspace: Workspace, form: dict) -> tuple[Any, CaptionOptions]:
@@ -192,7 +200,8 @@ class CaptionJob:
 
         def work() -> None:
             try:
-                outcome["summary"] = caption_dataset(root, captioner, options, relay, self.stop.is_set)
+                with confined_to(root):  # images or captions linked from outside the folder are left out
+                    outcome["summary"] = caption_dataset(root, captioner, options, relay, self.stop.is_set)
             except BaseException as exc:  # handed to the waiting request below
                 outcome["error"] = exc
             finally:
@@ -261,5 +270,8 @@ def summary_markdown(summary: CaptionSummary, root: Path) -> str:
         lines.append(f"- and {len(summary.failed) - SHOWN_FAILURES} more")
     if summary.failed:
         lines.append("\nFix or remove the images listed, then caption again: the others are left as they are.")
+    left_out = outside_note(root, root, "the dataset folder")
+    if left_out:
+        lines.append(f"\n{left_out}")
     return "\n".join(lines)
 

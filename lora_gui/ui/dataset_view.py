@@ -19,11 +19,12 @@ from typing import Any
 
 from PIL import Image
 
-from lora_gui.data.doctor import ERROR, INFO, WARNING, DatasetReport
+from lora_gui.data.doctor import ERROR, INFO, WARNING, DatasetReport, check_dataset
+from lora_gui.data.doctor.summary import summarize
 from lora_gui.data.images import decode_first_frame, open_image, to_rgb, upright
 from lora_gui.data.sample_dataset import check_trigger, create_sample_dataset
-from lora_gui.data.scan import IMAGE_EXTENSIONS, find_image_files, read_caption
-from lora_gui.ui.workspace import OutsideWorkspace, Workspace, safe_folder_name
+from lora_gui.data.scan import IMAGE_EXTENSIONS, confined_to, find_image_files, outside_links, read_caption
+from lora_gui.ui.workspace import MAX_PATH_CHARS, OutsideWorkspace, Workspace, clip, safe_folder_name
 
 MAX_GALLERY = 200  # images shown; the report covers every file
 MAX_TABLE_ROWS = 2000
@@ -34,6 +35,8 @@ CAPTION_EXTENSION = ".txt"
 MAX_UPLOAD_FILES = 2000
 MAX_IMAGE_BYTES = 200 * 1024**2
 MAX_CAPTION_BYTES = 1024**2
+MAX_FOLDER_TEXT = 1000  # characters in a typed or picked folder
+SHOWN_LINKS = 10  # links left out, named in a message
 ICONS = {ERROR: "❌", WARNING: "⚠️", INFO: "ℹ️", "ok": "✅"}
 TABLE_HEADERS = ["File", "Status", "Size", "Bucket", "Problems"]
 Progress = Callable[[int, int], None]  # (done, total)
@@ -47,24 +50,31 @@ class DatasetViewError(ValueError):
 
 
 def resolve_dataset(workspace: Workspace, text: Any) -> Path:
-    """A dataset folder the browser may see: inside the workspace's datasets or outputs, existing."""
+    """A dataset folder the browser may see: inside the workspace's datasets or outputs, existing.
+
+    Links are resolved first: a folder that is (or passes through) a link leading outside is refused."""
     if not isinstance(text, str) or not text.strip():
         raise DatasetViewError("Choose a dataset folder: pick one from the list, create the sample, or upload "
                                "images.")
-    if len(text) > 1000 or "\x00" in text:
-        raise DatasetViewError("That folder name is not valid; pick a folder from the list.")
+    if len(text) > MAX_FOLDER_TEXT or "\x00" in text:
+        why = "it contains a NUL character" if "\x00" in text else f"{len(text)} characters, at most {MAX_FOLDER_TEXT}"
+        raise DatasetViewError(f"That folder name is not valid ({why}); pick a folder from the list.")
     try:
         path = workspace.resolve(text)
         if not path.exists() and not Path(text.strip()).is_absolute():
             path = workspace.resolve(text, under=workspace.datasets)  # "sample" means datasets/sample
+        is_folder = path.is_dir()
     except OutsideWorkspace as exc:
         raise DatasetViewError(str(exc)) from None
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise DatasetViewError(f"{clip(text.strip())} can't be used as a folder ({exc.strerror or exc}); pick a "
+                               "folder from the list.") from None
     if not any(path.is_relative_to(Path(root)) for root in workspace.allowed_paths()):
-        raise DatasetViewError(f"{text.strip()} is not under datasets/ (or outputs/); put datasets in "
+        raise DatasetViewError(f"{clip(text.strip())} is not under datasets/ (or outputs/); put datasets in "
                                f"{workspace.datasets}.")
-    if not path.is_dir():
-        raise DatasetViewError(f"{workspace.relative(path)} is not a folder. Pick one from the list, or create "
-                               "it by uploading images.")
+    if not is_folder:
+        raise DatasetViewError(f"{clip(workspace.relative(path))} is not a folder. Pick one from the list, or "
+                               "create it by uploading images.")
     return path
 
 
@@ -74,8 +84,45 @@ def folder_from_selection(workspace: Workspace, selection: Any) -> Path:
         selection = selection[0] if len(selection) == 1 else None
     if not isinstance(selection, str) or not selection.strip():
         raise DatasetViewError("Pick a folder (tick '.' inside it) or any file in it.")
+    if len(selection) > MAX_PATH_CHARS or "\x00" in selection:
+        raise DatasetViewError("That selection is not a folder in the file browser (too long, or it contains a NUL "
+                               "character); pick a folder there.")
     path = Path(selection)
-    return resolve_dataset(workspace, str(path.parent if path.is_file() else path))
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name too long for the file system: it names nothing
+        is_file = False
+    return resolve_dataset(workspace, str(path.parent if is_file else path))
+
+
+def outside_note(folder: Path, confine: Path, where: str = "the workspace") -> str:
+    """A sentence naming the links under ``folder`` that lead outside ``confine`` (left out of every view and
+    edit), or ""."""
+    links = outside_links(folder, confine)
+    if not links:
+        return ""
+    names = ", ".join(md_code(clip(_relative(link.path, folder), 80)) for link in links[:SHOWN_LINKS])
+    more = f" and {len(links) - SHOWN_LINKS} more" if len(links) > SHOWN_LINKS else ""
+    return (f"⚠️ Left out {len(links)} link(s) that lead outside {where}: {names}{more}. The app does not read, "
+            "show or write through such links, and leaves out any image whose file or caption is one of them. "
+            "Copy the files into the folder if they belong to the dataset.")
+
+
+def check_folder(workspace: Workspace, folder: Path, trigger: str | None, resolution: int,
+                 progress: Progress | None = None) -> DatasetReport:
+    """The dataset doctor's report, confined to the workspace: links leading outside are neither read nor
+    listed (the CLI's ``dataset check`` follows them, on the user's own machine)."""
+    with confined_to(workspace.root):
+        report = check_dataset(folder, trigger=trigger, resolution=resolution, progress=progress)
+    # a caption that was left out, or whose image was, is no orphan
+    left_out = {Path(_relative(link.path, folder)).with_suffix("") for link in outside_links(folder, workspace.root)}
+    orphans = report.summary["orphan_captions"]
+    kept = [name for name in orphans if Path(name).with_suffix("") not in left_out]
+    if len(kept) != len(orphans):
+        summary = report.summary
+        report.summary = summarize(report.root, report.files, summary["settings"], kept,
+                                   summary["captions"]["tokens_exact"])
+    return report
 
 
 def free_folder(parent: Path, name: str) -> Path:
@@ -176,7 +223,7 @@ def save_uploads(workspace: Workspace, name: Any, files: Any, source_root: Path 
         if problem is None:
             problem = _copy_new(source, folder / target)  # type: ignore[operator]
         if problem:
-            result.skipped.append(f"{source.name} ({problem})")
+            result.skipped.append(f"{clip(source.name, 80)} ({problem})")
         else:
             result.saved.append(target)
     if not result.added_to_existing and not result.saved:
@@ -268,16 +315,20 @@ def placeholder(side: int = THUMB_SIDE) -> Image.Image:
 
 
 def gallery_items(
-    folder: Path, cache: ThumbnailCache, report: DatasetReport | None = None, progress: Progress | None = None
+    folder: Path, cache: ThumbnailCache, report: DatasetReport | None = None, progress: Progress | None = None,
+    confine: Path | None = None,
 ) -> tuple[list[tuple[Image.Image, str]], str]:
-    """(thumbnail, label) for the first MAX_GALLERY images, and a note when there are more."""
+    """(thumbnail, label) for the first MAX_GALLERY images, and a note when there are more.
+
+    ``confine``: leave out images whose file or caption resolves outside that folder (a report from
+    ``check_folder`` is confined already)."""
     if report is not None:
         # the doctor reads no caption for an unusable image; show it anyway
         entries = [(f.path, f"{ICONS[f.status]} {f.relative}: {f.caption or _caption(f.caption_path)}")
                    for f in report.files]
     else:
         entries = [(f.path, f"{_relative(f.path, folder)}: {_caption(f.caption_path)}")
-                   for f in find_image_files(folder, CAPTION_EXTENSION)]
+                   for f in find_image_files(folder, CAPTION_EXTENSION, confine=confine)]
     shown = entries[:MAX_GALLERY]
     images = []
     with ThreadPoolExecutor(4) as pool:

@@ -231,8 +231,12 @@ class Handlers:
         return self.fill(form)
 
     def follow_name(self, name: Any, out_dir: Any, auto: Any):
+        """output.dir follows output.name until the user edits output.dir by hand; then both stay as they are.
+
+        Every output gets a value (gr.skip() leaves one unchanged): Gradio 6 refuses a reply that
+        leaves outputs out."""
         if not isinstance(name, str) or out_dir not in ("", auto):
-            return {}
+            return {self.c["output.dir"]: gr.skip(), self.w.auto_dir: gr.skip()}
         new_dir = f"outputs/{safe_folder_name(name, 'my-lora')}"
         return {self.c["output.dir"]: new_dir, self.w.auto_dir: new_dir}
 
@@ -275,7 +279,7 @@ class Handlers:
         w.apply.click(self.apply, form | {w.tier}, filled + [w.applied], api_name="config_apply_preset").then(**then)
         c["model.family"].input(self.change_family, form, filled + [w.validate]).then(**then)
         c["output.name"].input(self.follow_name, [c["output.name"], c["output.dir"], w.auto_dir],
-                               [c["output.dir"], w.auto_dir]).then(**then)
+                               [c["output.dir"], w.auto_dir], api_name="config_follow_name").then(**then)
         w.upload.upload(self.load_upload, w.upload, filled + [w.file_status]).then(**then)
         w.load.click(self.load_saved, w.saved, filled + [w.file_status], api_name="config_load_saved").then(**then)
         w.refresh_list.click(lambda: gr.update(choices=P.list_saved_configs(self.workspace)), None, w.saved)

@@ -1,8 +1,9 @@
 """The Dataset tab: choose a folder, see every image with its caption, check it with the dataset doctor.
 
-Folders are confined to the workspace's datasets (and outputs) folders. The handlers are small
-wrappers around ``lora_gui.ui.dataset_view``, which re-checks every value on the server; problems
-come back as messages in the tab, never as tracebacks.
+Folders are confined to the workspace's datasets (and outputs) folders, and links that lead outside the
+workspace are neither followed nor listed (the file browser hides them, the gallery and report leave them
+out and say so). The handlers are small wrappers around ``lora_gui.ui.dataset_view``, which re-checks
+every value on the server; problems come back as messages in the tab, never as tracebacks.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from gradio.components.base import server
+from gradio.exceptions import InvalidPathError
 
-from lora_gui.data.doctor import check_dataset
 from lora_gui.ui import dataset_view as V
 from lora_gui.ui.dataset_view import DatasetViewError
 from lora_gui.ui.guard import message_guard
@@ -46,11 +48,12 @@ def build(session: AppSession, panel: gr.Tab | None = None) -> DatasetTab:
         refresh = gr.Button("Refresh list", scale=1)
         sample = gr.Button("Create sample dataset", scale=1)
     with gr.Accordion("Browse the datasets folder", open=False):
-        explorer = gr.FileExplorer(
+        explorer = confine_explorer(gr.FileExplorer(
             glob="**/*", ignore_glob=glob.escape(str(workspace.datasets)) + "*/.*", file_count="single",
             root_dir=workspace.datasets, max_height=320,
-            label="Open a folder and tick '.' to choose it, or tick any file in it (new folders: reload the page)",
-        )
+            label="Open a folder and tick '.' to choose it, or tick any file in it (new folders: reload the page; "
+                  "links that lead outside the workspace are not shown)",
+        ))
     with gr.Accordion("Upload images into a new dataset", open=False):
         with gr.Row():
             new_name = gr.Textbox(label="New dataset name", placeholder="my-style", scale=1)
@@ -79,22 +82,26 @@ def build(session: AppSession, panel: gr.Tab | None = None) -> DatasetTab:
     shown = gr.State(None)  # the folder the gallery shows
 
     def show(path: Path, progress=None) -> dict:
-        items, note = V.gallery_items(path, thumbnails, progress=_reporter(progress, "Loaded"))
+        items, note = V.gallery_items(path, thumbnails, progress=_reporter(progress, "Loaded"),
+                                      confine=workspace.root)
         relative = workspace.relative(path)
-        return {gallery: items, message: f"{V.md_code(relative)}: {note}", shown: relative,
+        left_out = V.outside_note(path, workspace.root)
+        return {gallery: items, message: _joined(f"{V.md_code(relative)}: {note}", left_out), shown: relative,
                 existing: _choices(workspace, path),
                 summary: NOT_CHECKED, histogram: no_buckets(),
                 table: pd.DataFrame(columns=V.TABLE_HEADERS)}
 
     def checked(path: Path, word, size, progress=None) -> dict:
         word, size = V.check_inputs(word, size)
-        report = check_dataset(path, trigger=word, resolution=size, progress=_reporter(progress, "Checked"))
+        report = V.check_folder(workspace, path, word, size, _reporter(progress, "Checked"))
         items, note = V.gallery_items(path, thumbnails, report, _reporter(progress, "Loaded"))
         relative = workspace.relative(path)
         rows = pd.DataFrame(V.report_rows(report), columns=V.TABLE_HEADERS)
         buckets = pd.DataFrame(V.bucket_rows(report), columns=BUCKET_COLUMNS)
-        return {summary: V.summary_markdown(report), table: rows, histogram: buckets, gallery: items,
-                message: f"Checked {V.md_code(relative)}: {note}", shown: relative}
+        left_out = V.outside_note(path, workspace.root)
+        return {summary: _joined(V.summary_markdown(report), left_out, sep="\n\n"), table: rows,
+                histogram: buckets, gallery: items, shown: relative,
+                message: _joined(f"Checked {V.md_code(relative)}: {note}", left_out)}
 
     def on_typed(text, last, progress=gr.Progress()):  # noqa: B008 (gradio finds the tracker by its default)
         if not isinstance(text, str) or not text.strip():
@@ -151,6 +158,41 @@ def build(session: AppSession, panel: gr.Tab | None = None) -> DatasetTab:
     check.click(guard(on_check), [folder, trigger, resolution], everything, api_name="dataset_check",
                 concurrency_limit=2)
     return DatasetTab(folder=folder, trigger=trigger)
+
+
+def confine_explorer(explorer: gr.FileExplorer) -> gr.FileExplorer:
+    """Make ``explorer`` neither list nor open links that lead outside its root folder.
+
+    Gradio's own explorer keeps ``..`` out but follows links, so ``datasets/link -> /etc`` would list /etc.
+    The browser calls ``ls`` with any folder it likes; here the folder itself and each listed entry are
+    resolved and must stay inside the root. A selection through such a link still reaches the handler,
+    which refuses it (``resolve_dataset`` resolves links) with a message. (The method is replaced on the
+    instance: a subclass of a Gradio component makes Gradio write a .pyi file beside this module.)"""
+    listing = explorer.ls
+    root = Path(explorer.root_dir).resolve()
+
+    def ls(subdirectory: list[str] | None = None) -> list[dict[str, str]] | None:
+        try:
+            folder = Path(explorer._safe_join(subdirectory or [])).resolve()
+        except (InvalidPathError, TypeError):  # "..", absolute parts, or not a list of names
+            return []
+        if not folder.is_relative_to(root):
+            return []
+        return [entry for entry in listing(subdirectory) or [] if _inside(folder / entry["name"], root)]
+
+    explorer.ls = server(ls)
+    return explorer
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):
+        return False
+
+
+def _joined(*parts: str, sep: str = " ") -> str:
+    return sep.join(part for part in parts if part)
 
 
 def no_buckets() -> pd.DataFrame:
