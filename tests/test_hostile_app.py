@@ -93,3 +93,11 @@ def test_hostile_config_uploads_get_a_message(app):
         answer = call(url, "load_upload", [forged(Path(paths[0]))])
         assert "event: complete" in answer and expected in answer, (name, answer[:500])
     assert "Traceback" not in log.read_text()[logged_before:]
+
+
+def test_clearing_the_config_upload_is_not_an_error(app):
+    url, _, _, log = app
+    logged_before = len(log.read_text())
+    answer = call(url, "load_upload", [None])
+    assert "event: complete" in answer, answer[:500]
+    assert "Traceback" not in log.read_text()[logged_before:]

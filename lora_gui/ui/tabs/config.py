@@ -248,8 +248,8 @@ class Handlers:
         return {**self.fill(shown), self.w.file_status: f"✅ Loaded {label}.{note}"}
 
     def load_upload(self, path: Any):
-        if not isinstance(path, str) or not path:
-            return {}
+        if not isinstance(path, str) or not path:  # the upload box was cleared
+            return {self.w.file_status: gr.skip()}  # an empty dict reads as a missing value to Gradio
         if not uploaded_through_this_page(Path(path)):
             raise ConfigError("That file was not uploaded through this page; choose it with the upload box.")
         return self.load_path(Path(path), Path(path).name)
