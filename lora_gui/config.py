@@ -45,8 +45,9 @@ MAX_ECHOED_CHARS = 120
 
 
 class ModelSection(Section):
-    family: Literal["sd15", "sdxl", "flux"] = Field(
-        "sd15", description="Model family: sd15 (Stable Diffusion 1.5), sdxl or flux (Flux.1 dev/schnell)."
+    family: Literal["auto", "sd15", "sdxl", "flux"] = Field(
+        "sd15", description="Model family: sd15 (Stable Diffusion 1.5), sdxl or flux (Flux.1 dev/schnell); auto: "
+                            "told from the base (a folder's model_index.json, a single file's tensor names)."
     )
     base: str = Field(
         "builtin:tiny-sd15",

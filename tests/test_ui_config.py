@@ -237,3 +237,21 @@ def test_tab_on_a_live_server(workspace):
         assert any("No saved config" in str(item) for item in refused)
     finally:
         demo.close()
+
+
+@pytest.mark.slow
+def test_auto_family_is_detected_from_the_base(workspace):
+    import shutil
+
+    from lora_gui.engine.families.builtin import ensure_builtin
+
+    shutil.copytree(ensure_builtin("builtin:tiny-sdxl"), workspace.root / "models" / "my-sdxl")
+    form = {"model.family": "auto", "model.base": "models/my-sdxl"}
+    note = config_tab.detect_into(form, workspace)
+    assert form == {"model.family": "sdxl", "model.base": "models/my-sdxl"}  # the base the user picked stays
+    assert note.startswith("model.family auto: **Stable Diffusion XL** (model_index.json names")
+    assert config_tab.detect_into({"model.family": "flux", "model.base": "x"}, workspace) == ""
+    with pytest.raises(ConfigError, match="model.base"):
+        config_tab.detect_into({"model.family": "auto", "model.base": "../outside"}, workspace)
+    with pytest.raises(ConfigError, match="model.family auto: .*not a built-in model, an existing file"):
+        config_tab.detect_into({"model.family": "auto", "model.base": "no such thing"}, workspace)

@@ -23,9 +23,11 @@ class ComparisonCell:
 def load_pipeline(config: TrainingConfig, emit=None):
     """The family's pipeline for ``config.model`` on the best device, without any LoRA."""
     from lora_gui.engine.devices import resolve_placement
+    from lora_gui.engine.families.detect import with_detected_family
     from lora_gui.engine.families.registry import get_family
     from lora_gui.events import ignore_events
 
+    config = with_detected_family(config, emit)
     family = get_family(config.model.family)
     placement = resolve_placement(config)
     components = family.load(config.model, placement.device, placement.weight_dtype, emit or ignore_events)

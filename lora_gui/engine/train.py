@@ -23,6 +23,7 @@ from lora_gui.engine.devices import (
     text_encoder_device,
 )
 from lora_gui.engine.errors import NonFiniteLoss, StopRequested, TrainingError, explain
+from lora_gui.engine.families.detect import with_detected_family
 from lora_gui.engine.families.registry import get_family
 from lora_gui.engine.lora import inject_lora, load_lora_state, lora_parameters, lora_state_dicts
 from lora_gui.engine.lora_files import save_lora_files
@@ -65,8 +66,10 @@ def train(
     A run from step 0 refuses an output folder that holds an earlier run unless ``overwrite`` (which
     deletes that run's LoRA, checkpoints, samples and metrics first).
     """
-    run = TrainingRun(config, emit, controls or Controls(), overwrite)
+    controls = controls or Controls()
+    run = None
     try:
+        run = TrainingRun(with_detected_family(config, emit), emit, controls, overwrite)
         return run.execute(resume_from)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
@@ -77,8 +80,9 @@ def train(
             raise
         raise TrainingError(explanation.message, explanation.hint) from exc
     finally:
-        run.close()
-        run.controls.cancel_jobs("The training run ended before this request could run.")
+        if run is not None:
+            run.close()
+        controls.cancel_jobs("The training run ended before this request could run.")
 
 
 class DataCursor:

@@ -210,6 +210,11 @@ def relative_paths(values: dict[str, Any], workspace: Workspace) -> dict[str, An
     return shown
 
 
+def confined_model_path(key: str, value: str, workspace: Workspace) -> Path:
+    """A local model path from the form, made absolute; ConfigError when it leads out of the workspace."""
+    return _confined(key, value, workspace)
+
+
 def _confined(key: str, value: str, workspace: Workspace) -> Path:
     try:
         return workspace.resolve(value)

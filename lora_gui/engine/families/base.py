@@ -8,6 +8,7 @@ a preset.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -58,6 +59,13 @@ class ModelFamily(ABC):
     default_resolution: ClassVar[int] = 512
     # Image sides must be multiples of this (VAE downsampling times packing).
     size_multiple: ClassVar[int] = 8
+    # ``_class_name`` in a diffusers folder's model_index.json: how model.family = "auto" knows a folder.
+    pipeline_class_name: ClassVar[str]
+
+    @classmethod
+    def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:
+        """Whether a single-file checkpoint with these tensor names is this family's (for model.family = "auto")."""
+        return False
 
     @abstractmethod
     def pipeline_class(self) -> type:

@@ -7,6 +7,7 @@ schnell has no guidance embedding. The variant is read from the transformer's co
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -58,6 +59,17 @@ class FluxFamily(ModelFamily):
     supports_text_encoder_lora = False
     default_resolution = 1024
     size_multiple = 16  # VAE factor 8 times 2x2 patch packing
+    pipeline_class_name = "FluxPipeline"
+
+    @classmethod
+    def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:
+        """A transformer in Black Forest Labs' naming (optionally under ``model.diffusion_model.``), or in diffusers'."""
+        bfl = {name.removeprefix("model.diffusion_model.") for name in tensor_names}
+        if {"img_in.weight", "txt_in.weight"} <= bfl:
+            return any(name.startswith("double_blocks.") for name in bfl) and any(
+                name.startswith("single_blocks.") for name in bfl)
+        return {"x_embedder.weight", "context_embedder.weight"} <= set(tensor_names) and any(
+            name.startswith("single_transformer_blocks.") for name in tensor_names)
 
     def pipeline_class(self) -> type:
         return FluxPipeline

@@ -35,7 +35,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 WEIGHT_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
 CONFIG_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model"]
 SKIPPED_PATTERNS = ["*.fp16*", "*.bf16*", "*non_ema*", "*.ema.*", "safety_checker/*"]
-KNOWN_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
 
 
 class ModelLoadError(ValueError):
@@ -208,10 +207,13 @@ def _check_pipeline_class(folder: Path, pipeline_class: type) -> None:
         found = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
     except (OSError, ValueError):
         return  # diffusers reports unreadable folders itself
+    from lora_gui.engine.families.registry import family_class, family_names
+
+    known = {family_class(name).pipeline_class_name: name for name in family_names()}
     wanted = pipeline_class.__name__
-    if found != wanted and found in KNOWN_PIPELINES and wanted in KNOWN_PIPELINES:
-        raise ModelLoadError(f"{folder} holds a {found} model (family {KNOWN_PIPELINES[found]}), but model.family "
-                             f"is {KNOWN_PIPELINES[wanted]}. Set model.family = \"{KNOWN_PIPELINES[found]}\".")
+    if found != wanted and found in known and wanted in known:
+        raise ModelLoadError(f"{folder} holds a {found} model (family {known[found]}), but model.family "
+                             f"is {known[wanted]}. Set model.family = \"{known[found]}\" (or \"auto\").")
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import StableDiffusionPipeline
 
 from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
+from lora_gui.engine.families.checkpoint_names import has_ldm_unet, has_sdxl_embeddings
 from lora_gui.engine.families.loading import load_pipeline, place_frozen
 from lora_gui.engine.objectives import DiffusionObjective
 
@@ -36,6 +38,12 @@ class SD15Family(ModelFamily):
     size_multiple = 8
     # Configs, VAE and text encoder used with a single-file checkpoint when model.components is empty.
     default_components = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    pipeline_class_name = "StableDiffusionPipeline"
+
+    @classmethod
+    def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:
+        """An original-layout (A1111/ComfyUI) UNet checkpoint without SDXL's extra embeddings."""
+        return has_ldm_unet(tensor_names) and not has_sdxl_embeddings(tensor_names)
 
     def pipeline_class(self) -> type:
         return StableDiffusionPipeline

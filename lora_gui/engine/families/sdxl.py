@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 
 from lora_gui.engine.families.base import Components, Conditioning
+from lora_gui.engine.families.checkpoint_names import has_ldm_unet, has_sdxl_embeddings
 from lora_gui.engine.families.sd15 import SD15Family, clip_input_ids, fresh_scheduler, unwrap
 
 if TYPE_CHECKING:
@@ -20,6 +22,11 @@ class SDXLFamily(SD15Family):
     text_encoder_keys = ("text_encoder", "text_encoder_2")
     default_resolution = 1024
     default_components = "stabilityai/stable-diffusion-xl-base-1.0"
+    pipeline_class_name = "StableDiffusionXLPipeline"
+
+    @classmethod
+    def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:
+        return has_ldm_unet(tensor_names) and has_sdxl_embeddings(tensor_names)
 
     def pipeline_class(self) -> type:
         return StableDiffusionXLPipeline

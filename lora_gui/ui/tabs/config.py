@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 
 from lora_gui.config import FAMILIES, ConfigError, TrainingConfig, validate_config
+from lora_gui.engine.families.detect import AUTO, detect_family
 from lora_gui.ui import forms
 from lora_gui.ui import presets as P
 from lora_gui.ui.guard import message_guard
@@ -221,14 +222,15 @@ class Handlers:
 
     def change_family(self, values: dict):
         form = self.tab.form_values(values)
+        note = detect_into(form, self.workspace)
         family = form.get("model.family")
         if family not in FAMILIES:
-            raise ConfigError(f"model.family: choose one of {', '.join(FAMILIES)}.")
-        if base_belongs_elsewhere(form.get("model.base"), family):
+            raise ConfigError(f"model.family: choose one of auto, {', '.join(FAMILIES)}.")
+        if not note and base_belongs_elsewhere(form.get("model.base"), family):
             form["model.base"] = forms.default_base(family, self.gpu is not None)
         if form.get("lora.targets") not in forms.target_choices(family):
             form["lora.targets"] = "auto"
-        return self.fill(form)
+        return {**self.fill(form), self.w.applied: note}
 
     def follow_name(self, name: Any, out_dir: Any, auto: Any):
         """output.dir follows output.name until the user edits output.dir by hand; then both stay as they are.
@@ -243,6 +245,8 @@ class Handlers:
     def load_path(self, path: Path, label: str) -> dict:
         config = P.load_config(path)
         shown = forms.relative_paths(forms.config_to_values(config.model_dump(mode="json")), self.workspace)
+        if shown.get("model.family") == AUTO:
+            detect_into(shown, self.workspace)
         outside = [k for k in forms.PATH_KEYS if isinstance(shown.get(k), str) and Path(shown[k]).is_absolute()]
         note = f" ⚠️ Outside the workspace, fix before training: {', '.join(outside)}." if outside else ""
         return {**self.fill(shown), self.w.file_status: f"✅ Loaded {label}.{note}"}
@@ -277,7 +281,8 @@ class Handlers:
               trigger_mode="always_last", show_progress="hidden", api_name="config_refresh")
         filled = list(c.values())
         w.apply.click(self.apply, form | {w.tier}, filled + [w.applied], api_name="config_apply_preset").then(**then)
-        c["model.family"].input(self.change_family, form, filled + [w.validate]).then(**then)
+        c["model.family"].input(self.change_family, form, filled + [w.validate, w.applied],
+                                api_name="config_change_family").then(**then)
         c["output.name"].input(self.follow_name, [c["output.name"], c["output.dir"], w.auto_dir],
                                [c["output.dir"], w.auto_dir], api_name="config_follow_name").then(**then)
         w.upload.upload(self.load_upload, w.upload, filled + [w.file_status]).then(**then)
@@ -312,3 +317,20 @@ def uploaded_through_this_page(path: Path) -> bool:
     from gradio.utils import get_upload_folder
 
     return path.resolve().is_relative_to(Path(get_upload_folder()).resolve())
+
+
+def detect_into(form: dict[str, Any], workspace: Workspace) -> str:
+    """With model.family "auto", put the family of model.base into ``form``; returns what was found ("" otherwise)."""
+    if form.get("model.family") != AUTO:
+        return ""
+    from lora_gui.engine.families.registry import family_class
+
+    base = str(form.get("model.base") or "")
+    if forms.is_local_model(base, workspace):
+        base = str(forms.confined_model_path("model.base", base, workspace))
+    try:
+        detection = detect_family(base)
+    except ValueError as exc:
+        raise ConfigError(f"model.family auto: {exc}") from None
+    form["model.family"] = detection.family
+    return f"model.family auto: **{family_class(detection.family).label}** ({detection.reason})."
