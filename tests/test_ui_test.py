@@ -146,7 +146,7 @@ def test_pause_compare_continue_finish_and_compare_again(tmp_path):
     assert len(list((session.workspace.outputs / "run" / "comparisons").glob("compare-*.png"))) == 3
     assert "Overwrite" in train.start_run(session, tab, values)
     assert train.start_run(session, tab, values, overwrite=True).startswith("Started")
-    assert not (session.workspace.outputs / "run" / "test-lora.safetensors").exists()  # the old run was cleared
-    assert comparison.pipeline_cache(session)._entry is None  # and the cached base model freed
+    assert comparison.pipeline_cache(session)._entry is None  # the cached base model was freed
     runner.stop()
     runner.wait(timeout=120)
+    assert not (session.workspace.outputs / "run" / "test-lora.safetensors").exists()  # the old run was cleared

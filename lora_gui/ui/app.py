@@ -26,10 +26,11 @@ def build_app(session: AppSession, notice: str | None = None):
     """The app; ``notice`` (Markdown) is shown under the title, e.g. the warning that no password is set."""
     import gradio as gr
 
+    from lora_gui.ui.forms import family_labels
     from lora_gui.ui.tabs import captions, config, dataset, test, train
 
     with gr.Blocks(title=TITLE) as app:
-        gr.Markdown(f"# {TITLE}\nTrain LoRA adapters for Stable Diffusion 1.5, SDXL and Flux.1. "
+        gr.Markdown(f"# {TITLE}\nTrain LoRA adapters for {family_labels()}. "
                     f"Workspace: `{session.workspace.root}`")
         if notice:
             gr.Markdown(notice, elem_id="launch-notice", elem_classes="lg-error")

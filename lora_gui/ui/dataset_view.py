@@ -163,7 +163,7 @@ def check_inputs(trigger: Any, resolution: Any) -> tuple[str | None, int]:
         value = math.nan
     if not (math.isfinite(value) and value.is_integer() and MIN_RESOLUTION <= value <= MAX_RESOLUTION):
         raise DatasetViewError(f"Resolution must be a whole number from {MIN_RESOLUTION} to {MAX_RESOLUTION}, "
-                               "for example 512 (SD1.5) or 1024 (SDXL, Flux).")
+                               "for example 512 or 1024, the size the model was trained at.")
     return word or None, int(value)
 
 

@@ -48,11 +48,6 @@ CUSTOM_DROPDOWNS = {"model.base", "lora.targets"}
 PATH_KEYS = ("dataset.dir", "output.dir", "dataset.cache_dir", "model.cache_dir")
 MODEL_PATH_KEYS = ("model.base", "model.components")
 MODEL_SUFFIXES = (".safetensors",)
-HUB_MODELS = {
-    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5",),
-    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0",),
-    "flux": ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"),
-}
 MAX_LOCAL_MODELS = 200
 
 
@@ -239,14 +234,33 @@ def is_local_model(text: str, workspace: Workspace) -> bool:
 
 
 def base_choices(family: str, workspace: Workspace) -> list[str]:
-    from lora_gui.engine.families.builtin import BUILTIN_MODELS, BUILTIN_PREFIX
-
-    builtin = [BUILTIN_PREFIX + name for name, fam in BUILTIN_MODELS.items() if fam == family]
-    return builtin + list(HUB_MODELS.get(family, ())) + local_models(workspace)
+    return builtin_models(family) + list(hub_models(family)) + local_models(workspace)
 
 
 def default_base(family: str, has_gpu: bool) -> str:
-    return HUB_MODELS[family][0] if has_gpu else f"builtin:tiny-{family}"
+    """The family's first Hub model on a GPU, its built-in tiny model without one."""
+    offered = hub_models(family) if has_gpu else ()
+    return offered[0] if offered else builtin_models(family)[0]
+
+
+def builtin_models(family: str) -> list[str]:
+    from lora_gui.engine.families.builtin import BUILTIN_MODELS, BUILTIN_PREFIX
+
+    return [BUILTIN_PREFIX + name for name, fam in BUILTIN_MODELS.items() if fam == family]
+
+
+def hub_models(family: str) -> tuple[str, ...]:
+    from lora_gui.engine.families.registry import family_class
+
+    return family_class(family).hub_models
+
+
+def family_labels() -> str:
+    """Every family's label, joined for the page's intro ("A, B and C")."""
+    from lora_gui.engine.families.registry import family_class, family_names
+
+    labels = [family_class(name).label for name in family_names()]
+    return ", ".join(labels[:-1]) + f" and {labels[-1]}" if len(labels) > 1 else labels[0]
 
 
 def local_models(workspace: Workspace) -> list[str]:

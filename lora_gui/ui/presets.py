@@ -55,7 +55,9 @@ def preset_name(family: Any, tier_label: Any) -> str:
         raise ConfigError(f"Unknown VRAM tier {tier_label!r}; choose one of: {', '.join(TIER_LABELS)}.")
     name = f"{family}-{suffixes[tier_label]}"
     if name not in list_presets():
-        raise ConfigError(f"model.family: there is no preset {name!r}; choose sd15, sdxl or flux.")
+        from lora_gui.engine.families.registry import family_names
+
+        raise ConfigError(f"model.family: there is no preset {name!r}; choose one of {', '.join(family_names())}.")
     return name
 
 

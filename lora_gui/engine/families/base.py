@@ -61,6 +61,8 @@ class ModelFamily(ABC):
     size_multiple: ClassVar[int] = 8
     # ``_class_name`` in a diffusers folder's model_index.json: how model.family = "auto" knows a folder.
     pipeline_class_name: ClassVar[str]
+    # Hugging Face ids the model picker offers (the first is the default on a GPU).
+    hub_models: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:

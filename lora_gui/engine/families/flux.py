@@ -60,6 +60,7 @@ class FluxFamily(ModelFamily):
     default_resolution = 1024
     size_multiple = 16  # VAE factor 8 times 2x2 patch packing
     pipeline_class_name = "FluxPipeline"
+    hub_models = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:

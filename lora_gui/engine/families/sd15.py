@@ -39,6 +39,7 @@ class SD15Family(ModelFamily):
     # Configs, VAE and text encoder used with a single-file checkpoint when model.components is empty.
     default_components = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     pipeline_class_name = "StableDiffusionPipeline"
+    hub_models = ("stable-diffusion-v1-5/stable-diffusion-v1-5",)
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:

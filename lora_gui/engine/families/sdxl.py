@@ -23,6 +23,7 @@ class SDXLFamily(SD15Family):
     default_resolution = 1024
     default_components = "stabilityai/stable-diffusion-xl-base-1.0"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    hub_models = ("stabilityai/stable-diffusion-xl-base-1.0",)
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:

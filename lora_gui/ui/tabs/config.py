@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from lora_gui.config import FAMILIES, ConfigError, TrainingConfig, validate_config
+from lora_gui.config import FAMILIES, ConfigError, ModelSection, TrainingConfig, validate_config
 from lora_gui.engine.families.detect import AUTO, detect_family
 from lora_gui.ui import forms
 from lora_gui.ui import presets as P
@@ -66,9 +66,12 @@ def check_consistency(config: TrainingConfig) -> None:
                           f"choose one of: {', '.join(targets)}.")
 
 
+DEFAULT_FAMILY = ModelSection.model_fields["family"].default
+
+
 def initial_values(tier: str) -> dict[str, Any]:
-    """The form a new session starts with: SD1.5 at the detected tier's preset, prompts included."""
-    return P.apply_preset({}, P.preset_name("sd15", tier))
+    """The form a new session starts with: the default family at the detected tier's preset, prompts included."""
+    return P.apply_preset({}, P.preset_name(DEFAULT_FAMILY, tier))
 
 
 def panel_texts(form: dict[str, Any], tier: Any, saved: Any, workspace: Workspace,
@@ -206,7 +209,7 @@ class Handlers:
 
     def fill(self, form: dict[str, Any]) -> dict:
         """Updates that put ``form`` into the components, with the family's model and target choices."""
-        family = form.get("model.family") if form.get("model.family") in FAMILIES else "sd15"
+        family = form.get("model.family") if form.get("model.family") in FAMILIES else DEFAULT_FAMILY
         updates = {self.c[key]: value for key, value in form.items()}
         base_options = forms.base_choices(family, self.workspace)
         target_options = list(forms.target_choices(family))
@@ -300,8 +303,8 @@ def base_belongs_elsewhere(base: Any, family: str) -> bool:
     if not isinstance(base, str) or not base:
         return True
     if base.startswith("builtin:"):
-        return not base.startswith(f"builtin:tiny-{family}")
-    return any(base in ids for fam, ids in forms.HUB_MODELS.items() if fam != family)
+        return base not in forms.builtin_models(family)
+    return any(base in forms.hub_models(other) for other in FAMILIES if other != family)
 
 
 def show_folder(folder: Any, workspace: Workspace) -> Any:

@@ -90,7 +90,7 @@ def build(session, config_tab) -> None:
                         info="Numbers from -4 to 4, at most 8, separated by commas")
     start = {"seed": 1234, "steps": 20, "guidance": 5.0, "width": 512, "height": 512, **initial["defaults"]}
     prompt = gr.Textbox(start.get("prompt", ""), label="Prompt", lines=2)
-    negative = gr.Textbox(start.get("negative_prompt", ""), label="Negative prompt (SD1.5 and SDXL)")
+    negative = gr.Textbox(start.get("negative_prompt", ""), label="Negative prompt (used by models sampled with classifier-free guidance)")
     with gr.Row():
         seed = gr.Number(start["seed"], label="Seed", precision=0, minimum=0, maximum=2**32 - 1)
         steps = gr.Slider(1, 200, value=start["steps"], step=1, label="Steps")
