@@ -68,6 +68,22 @@ class ModelSection(Section):
         "auto", description="Where to train: auto picks CUDA, then Apple MPS, then CPU."
     )
     cache_dir: str | None = Field(None, description="Where downloaded and built-in models are stored.")
+    merge_loras: list[str] = Field(
+        default_factory=list, max_length=16,
+        description="LoRA .safetensors files fused into the base before training, each 'path' or 'path:scale' "
+                    "(a distilled model's training adapter, or a style to train on top of).",
+    )
+
+    @field_validator("merge_loras")
+    @classmethod
+    def _merge_entries(cls, entries: list[str]) -> list[str]:
+        from lora_gui.engine.merge import parse_merge_entry
+
+        for entry in entries:
+            path = parse_merge_entry(entry).path
+            if not path.lower().endswith(".safetensors"):
+                raise ValueError(f"{_echo(entry)} is not a .safetensors file (write 'path' or 'path:scale')")
+        return entries
 
 
 class DatasetSection(Section):

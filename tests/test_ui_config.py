@@ -25,7 +25,8 @@ def non_default(spec: forms.FieldSpec):
     """A valid value different from the default, for every kind of field."""
     special = {"model.family": "sdxl", "model.base": "someone/my-sdxl", "lora.targets": "attn",
                "model.cache_dir": "cache/models", "dataset.dir": "datasets/cats", "dataset.cache_dir": "cache/x",
-               "output.dir": "outputs/run1", "output.name": "run1", "dataset.caption_extension": ".caption"}
+               "output.dir": "outputs/run1", "output.name": "run1", "dataset.caption_extension": ".caption",
+               "model.merge_loras": ["models/style.safetensors:0.5", "models/adapter.safetensors"]}
     if spec.key in special:
         return special[spec.key]
     if spec.kind == "dropdown":

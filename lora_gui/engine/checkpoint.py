@@ -55,6 +55,7 @@ IDENTITY_FIELDS = (
 RESUME_FIELDS = (
     ("lora.init", "init"),
     ("train.optimizer", "optimizer"),
+    ("model.merge_loras", "merge_loras"),
 )
 DISK_MARGIN_BYTES = 16 * 1024**2
 

@@ -60,7 +60,7 @@ def render_comparison(
     for index, lora in enumerate(loras):
         adapter = f"compare_{index}"
         if lora is not None:
-            _check_lora_file(lora)
+            check_lora_file(lora)
             pipeline.load_lora_weights(lora, adapter_name=adapter)
         row_scales = scales if lora is not None else scales[:1]
         try:
@@ -160,7 +160,7 @@ def _row_labels(loras: Sequence[str | None]) -> list[str]:
     return [NO_LORA if lora is None else str(Path(lora)) for lora in loras]
 
 
-def _check_lora_file(path: str) -> None:
+def check_lora_file(path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"LoRA file {path} does not exist.")

@@ -7,6 +7,7 @@ asked, then step until done, checking the controls at every step boundary.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from lora_gui.engine.families.detect import with_detected_family
 from lora_gui.engine.families.registry import get_family
 from lora_gui.engine.lora import inject_lora, load_lora_state, lora_parameters, lora_state_dicts
 from lora_gui.engine.lora_files import save_lora_files
+from lora_gui.engine.merge import merge_loras
 from lora_gui.engine.metrics import MetricsLog
 from lora_gui.engine.optim import build_lr_scheduler, build_optimizer, current_lr
 from lora_gui.engine.outputs import OutputLock, hold_output_folder, start_fresh
@@ -202,6 +204,11 @@ class TrainingRun:
         self.components = self.family.load(self.config.model, torch.device("cpu"), self.placement.weight_dtype,
                                            self.emit)
         self.components.device = self.placement.device
+        warning = self.family.distillation_warning(self.components)
+        if warning:
+            self.status(f"Warning: {warning}")
+        if self.config.model.merge_loras:  # before quantizing: fused weights must be full precision
+            merge_loras(self.family, self.components, self.config.model.merge_loras, self.emit)
         mode = self.config.model.quantize
         if mode != "none":
             count = quantize_denoiser(self.components.denoiser, mode, torch.device("cpu"))
@@ -212,7 +219,8 @@ class TrainingRun:
 
     def model_key(self) -> str:
         model = self.config.model
-        return f"{model.family}|{model.base}|{model.revision}|{self.components.source}|{self.components.vae.dtype}"
+        merged = f"|merged {model.merge_loras}" if model.merge_loras else ""
+        return f"{model.family}|{model.base}|{model.revision}|{self.components.source}|{self.components.vae.dtype}{merged}"
 
     def fill_caches(self) -> None:
         """Encode images and captions once; the VAE and text encoders then leave the accelerator and the
@@ -354,6 +362,7 @@ class TrainingRun:
             "lora_gui.config_hash": config.full_hash(),
             "lora_gui.targets": config.lora.targets,
             "lora_gui.resolution": str(config.dataset.resolution),
+            "lora_gui.merged_loras": json.dumps(config.model.merge_loras),
             "ss_network_dim": str(config.lora.rank),
             "ss_network_alpha": str(config.lora.alpha),
         }

@@ -190,7 +190,19 @@ def absolute_paths(data: dict, workspace: Workspace) -> dict:
         value = data[section].get(name)
         if isinstance(value, str) and is_local_model(value, workspace):
             data[section][name] = str(_confined(key, value, workspace))
+    data["model"]["merge_loras"] = [_confined_entry(entry, workspace) for entry in data["model"].get("merge_loras") or []]
     return data
+
+
+def _confined_entry(entry: Any, workspace: Workspace) -> Any:
+    """A model.merge_loras entry with its path made absolute inside the workspace (the scale kept)."""
+    from lora_gui.engine.merge import parse_merge_entry
+
+    if not isinstance(entry, str):
+        return entry  # the schema refuses it with its own message
+    parsed = parse_merge_entry(entry)
+    path = _confined("model.merge_loras", parsed.path, workspace)
+    return str(path) if parsed.scale == 1.0 and parsed.path == entry.strip() else f"{path}:{parsed.scale:g}"
 
 
 def relative_paths(values: dict[str, Any], workspace: Workspace) -> dict[str, Any]:
@@ -202,7 +214,22 @@ def relative_paths(values: dict[str, Any], workspace: Workspace) -> dict[str, An
             shown[key] = workspace.relative(Path(value))
     if shown.get("model.cache_dir") == workspace.relative(workspace.cache):
         shown["model.cache_dir"] = ""
+    merged = shown.get("model.merge_loras")
+    if isinstance(merged, str):  # a lines field: one entry per line
+        shown["model.merge_loras"] = "\n".join(_relative_entry(entry, workspace) for entry in merged.splitlines())
     return shown
+
+
+def _relative_entry(entry: Any, workspace: Workspace) -> Any:
+    from lora_gui.engine.merge import parse_merge_entry
+
+    if not isinstance(entry, str):
+        return entry
+    parsed = parse_merge_entry(entry)
+    if not Path(parsed.path).is_absolute():
+        return entry
+    path = workspace.relative(Path(parsed.path))
+    return path if parsed.path == entry.strip() else f"{path}:{parsed.scale:g}"
 
 
 def confined_model_path(key: str, value: str, workspace: Workspace) -> Path:

@@ -113,6 +113,10 @@ class ModelFamily(ABC):
                                guidance_scale: float, device: Any) -> dict[str, Any]:
         """Prompt embeddings as the pipeline's ``__call__`` takes them, computed on ``device`` (where the text encoders are)."""
 
+    def distillation_warning(self, components: Components) -> str | None:
+        """What to know when the loaded base is a distilled model (None when it is not)."""
+        return None
+
     def sample_kwargs(self, components: Components) -> dict[str, Any]:
         """Extra keyword arguments the family's pipeline needs when sampling."""
         return {}

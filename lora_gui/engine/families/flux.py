@@ -110,6 +110,13 @@ class FluxFamily(ModelFamily):
     def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
         return encode_vae_latents(components.vae, pixels).to(components.weight_dtype)
 
+    def distillation_warning(self, components: Components) -> str | None:
+        if unwrap(components.denoiser).config.guidance_embeds:
+            return None
+        return ("this base is step-distilled (like FLUX.1-schnell): a LoRA trained on it directly tends to wear "
+                "its few-step sampling down. Train on a base model (FLUX.1-dev), or fuse a training adapter for "
+                "this model first with model.merge_loras.")
+
     def make_objective(self, components: Components, train: TrainSection) -> FlowMatchingObjective:
         return FlowMatchingObjective(
             train.timestep_sampling, logit_mean=train.logit_mean, logit_std=train.logit_std, shift=train.flow_shift,
