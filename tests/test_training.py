@@ -12,7 +12,8 @@ from lora_gui.engine.errors import TrainingError
 from lora_gui.engine.train import train
 from lora_gui.events import CheckpointSaved, Controls, Failed, Finished, Progress, SamplesReady, Status
 
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline",
+             "zimage": "ZImagePipeline"}
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def dataset(tmp_path_factory):
 
 
 def render(pipe, family: str, seed: int = 7) -> np.ndarray:
-    kwargs = {"max_sequence_length": 32} if family == "flux" else {}
+    kwargs = {"max_sequence_length": 32} if family in ("flux", "zimage") else {}
     generator = torch.Generator("cpu").manual_seed(seed)
     image = pipe("sks, a red square", num_inference_steps=2, height=64, width=64, generator=generator,
                  output_type="np", **kwargs).images[0]
@@ -45,6 +46,7 @@ def load_pipeline(family: str, base_folder):
                                         "train.gradient_checkpointing=true", "train.optimizer=adamw8bit"]),
         ("flux", "builtin:tiny-flux", ["lora.targets=all+ffs", "train.timestep_sampling=resolution_shift"]),
         ("flux", "builtin:tiny-flux-schnell", ["train.timestep_sampling=logit_normal"]),
+        ("zimage", "builtin:tiny-zimage", ["lora.targets=all"]),
     ],
 )
 def test_family_trains_and_both_files_reload(family, base, extra, dataset, tmp_path):

@@ -117,6 +117,10 @@ def gpu_peak_tflops(name: str | None) -> float:
     return DEFAULT_GPU_TFLOPS
 
 
+def has_estimate(family: str) -> bool:
+    return family in FAMILY_COSTS and family in TINY_CPU_SECONDS_PER_SAMPLE
+
+
 def estimate(config: TrainingConfig, gpu_total_gib: float | None, gpu_name: str | None) -> Estimate:
     costs = FAMILY_COSTS[config.model.family]
     tiny = config.model.base.startswith("builtin:")

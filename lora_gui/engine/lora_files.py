@@ -142,12 +142,16 @@ def kohya_prefix(module_key: str, pipeline_class: type) -> str:
     raise LoraError(f"No kohya LoRA name is known for the module {module_key!r}.")
 
 
-def kohya_state_dict(exported: Mapping[str, ExportedAdapter], pipeline_class: type) -> dict[str, torch.Tensor]:
+def kohya_state_dict(exported: Mapping[str, ExportedAdapter], pipeline_class: type,
+                     prefix: str | None = None) -> dict[str, torch.Tensor]:
     """The single file for ComfyUI/A1111/Forge: kohya names for UNet models, alpha-carrying diffusers names for Flux.
 
     diffusers reads ``lora_transformer_*`` Flux keys only for attention layers, while ComfyUI, Forge and
     diffusers all read ``transformer.<module>.lora_A/lora_B`` with a ``.alpha`` beside them, at any model size.
+    ``prefix`` replaces the module key in front of diffusers names (a family's ``single_file_lora_prefix``).
     """
+    if prefix is not None:
+        return _named_state_dict(exported, lambda key, path: f"{prefix}{path}", _DIFFUSERS_SUFFIXES)
     if "transformer" in exported:
         return _named_state_dict(exported, lambda key, path: f"{key}.{path}", _DIFFUSERS_SUFFIXES)
     return _named_state_dict(
@@ -282,6 +286,7 @@ def save_lora_files(
     metadata: Mapping[str, str],
     adapter_name: str = "default",
     dtype: torch.dtype | None = None,
+    single_file_prefix: str | None = None,
 ) -> tuple[Path, Path]:
     """Write the kohya/ComfyUI/A1111 file and the diffusers file, each atomically.
 
@@ -297,7 +302,8 @@ def save_lora_files(
     diffusers_file = Path(diffusers_path)
     if diffusers_file.suffix != ".safetensors":
         diffusers_file = diffusers_file / DIFFUSERS_WEIGHT_NAME
-    _atomic_save(kohya_state_dict(exported, pipeline_class), kohya_file, _kohya_metadata(exported, metadata))
+    _atomic_save(kohya_state_dict(exported, pipeline_class, single_file_prefix), kohya_file,
+                 _kohya_metadata(exported, metadata))
     write_diffusers_file(exported, pipeline_class, diffusers_file, metadata)
     return kohya_file, diffusers_file
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -73,7 +74,7 @@ def pipeline_kwargs(family: ModelFamily, components: Components, pipeline, promp
     device = components.device or torch.device("cpu")
     if encoded is None:
         encoded = encode_sampling_prompt(family, components, pipeline, prompt, settings)
-    embeds = {key: value.to(device) for key, value in encoded.items()}
+    embeds = {key: moved(value, device) for key, value in encoded.items()}
     return dict(
         **embeds, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
         width=settings.width, height=settings.height, generator=torch.Generator(device="cpu").manual_seed(seed),
@@ -81,11 +82,18 @@ def pipeline_kwargs(family: ModelFamily, components: Components, pipeline, promp
     )
 
 
+def moved(value: Any, device: torch.device) -> Any:
+    """A tensor, or a list of tensors (one per prompt, as some pipelines take them), on ``device``."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(moved(item, device) for item in value)
+    return value.to(device)
+
+
 def encode_sampling_prompts(family: ModelFamily, components: Components, settings: SampleSettings) -> dict:
     """Embeddings of every validation prompt, on the CPU, for ``render(..., encoded=...)``."""
     pipeline = family.build_pipeline(components)
     return {
-        prompt: {key: value.cpu() for key, value in
+        prompt: {key: moved(value, torch.device("cpu")) for key, value in
                  encode_sampling_prompt(family, components, pipeline, prompt, settings).items()}
         for prompt in settings.prompts
     }

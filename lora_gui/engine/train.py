@@ -371,7 +371,7 @@ class TrainingRun:
         diffusers_path = kohya_path.with_name(kohya_path.stem + ".diffusers.safetensors")
         save_lora_files(
             self.family.pipeline_class(), self.lora_modules, self.config.lora, kohya_path, diffusers_path,
-            self.metadata(),
+            self.metadata(), single_file_prefix=self.family.single_file_lora_prefix,
         )
         return kohya_path, diffusers_path
 

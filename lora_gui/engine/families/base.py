@@ -63,6 +63,8 @@ class ModelFamily(ABC):
     pipeline_class_name: ClassVar[str]
     # Hugging Face ids the model picker offers (the first is the default on a GPU).
     hub_models: ClassVar[tuple[str, ...]] = ()
+    # The single LoRA file's key prefix when it uses diffusers module names (None: the kohya layout).
+    single_file_lora_prefix: ClassVar[str | None] = None
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:

@@ -20,6 +20,7 @@ BUILTIN_MODELS = {
     "tiny-sdxl": "sdxl",
     "tiny-flux": "flux",
     "tiny-flux-schnell": "flux",
+    "tiny-zimage": "zimage",
 }
 # Bump when a builder changes so stale cached folders are rebuilt.
 BUILTIN_VERSION = 1
@@ -74,7 +75,7 @@ def _byte_level_clip_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     vocab = {symbol: i for i, symbol in enumerate(symbols)}
     vocab.update({symbol + "</w>": i + len(symbols) for i, symbol in enumerate(symbols)})
     vocab["<|startoftext|>"] = len(vocab)
@@ -89,7 +90,7 @@ def _byte_level_clip_tokenizer(folder: Path):
     return tokenizer
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """The printable stand-in character byte-level BPE uses for each of the 256 byte values."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     symbols, extra = {}, 0
@@ -279,4 +280,11 @@ _BUILDERS = {
     "tiny-sdxl": _build_sdxl,
     "tiny-flux": _build_flux,
     "tiny-flux-schnell": lambda folder: _build_flux(folder, guidance_embeds=False),
+    "tiny-zimage": lambda folder: _build_tiny_zimage(folder),
 }
+
+
+def _build_tiny_zimage(folder: Path) -> None:
+    from lora_gui.engine.families.builtin_qwen import build_tiny_zimage
+
+    build_tiny_zimage(folder, SEED)

@@ -15,14 +15,14 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.builtin import is_builtin
-from lora_gui.engine.families.loading import ModelLoadError, load_pipeline, resolve_source
-from lora_gui.engine.families.sd15 import (
+from lora_gui.engine.families.common import (
     clip_input_ids,
     encode_vae_latents,
     fresh_scheduler,
     frozen_components,
     unwrap,
 )
+from lora_gui.engine.families.loading import ModelLoadError, load_pipeline, resolve_source
 from lora_gui.engine.objectives import FlowMatchingObjective, ResolutionShift
 
 if TYPE_CHECKING:

@@ -15,6 +15,7 @@ FAMILIES: dict[str, str] = {
     "sd15": "lora_gui.engine.families.sd15:SD15Family",
     "sdxl": "lora_gui.engine.families.sdxl:SDXLFamily",
     "flux": "lora_gui.engine.families.flux:FluxFamily",
+    "zimage": "lora_gui.engine.families.zimage:ZImageFamily",
 }
 
 

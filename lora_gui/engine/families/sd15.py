@@ -10,7 +10,14 @@ from diffusers import StableDiffusionPipeline
 
 from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.checkpoint_names import has_ldm_unet, has_sdxl_embeddings
-from lora_gui.engine.families.loading import load_pipeline, place_frozen
+from lora_gui.engine.families.common import (
+    clip_input_ids,
+    encode_vae_latents,
+    fresh_scheduler,
+    frozen_components,
+    unwrap,
+)
+from lora_gui.engine.families.loading import load_pipeline
 from lora_gui.engine.objectives import DiffusionObjective
 
 if TYPE_CHECKING:
@@ -106,62 +113,3 @@ class SD15Family(ModelFamily):
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-
-# ----------------------------------------------------------------------------- shared with other families
-
-
-def frozen_components(family: ModelFamily, pipe: Any, source: str, device: torch.device, dtype: torch.dtype,
-                      **extra: Any) -> Components:
-    """A loaded pipeline's parts, frozen and placed, under the names the family uses."""
-    encoders = [place_frozen(getattr(pipe, key), device, dtype) for key in family.text_encoder_keys]
-    tokenizers = [getattr(pipe, key.replace("text_encoder", "tokenizer")) for key in family.text_encoder_keys]
-    return Components(
-        denoiser=place_frozen(getattr(pipe, family.denoiser_key), device, dtype),
-        vae=place_frozen(pipe.vae, device, dtype),
-        text_encoders=encoders,
-        tokenizers=tokenizers,
-        scheduler=pipe.scheduler,
-        source=source,
-        device=device,
-        weight_dtype=dtype,
-        extra=extra,
-    )
-
-
-def clip_input_ids(tokenizer: Any, captions: list[str], encoder: Any) -> torch.Tensor:
-    """Token ids padded to the tokenizer's full length, as the diffusers pipelines do."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return ids.to(encoder.device)
-
-
-@torch.no_grad()
-def encode_vae_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """Deterministic latents (the distribution's mode), shifted and scaled as the denoiser expects.
-
-    A float16 VAE that asks for it (``force_upcast``) encodes in float32, as the pipelines decode.
-    """
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    # torch's own .to(): diffusers' override warns on every cast, and this one is undone at once.
-    if upcast:
-        torch.nn.Module.to(vae, torch.float32)
-    try:
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-    finally:
-        if upcast:
-            torch.nn.Module.to(vae, torch.float16)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
-
-
-def unwrap(module: Any) -> Any:
-    """The plain diffusers/transformers module under a peft or torch.compile wrapper."""
-    if hasattr(module, "get_base_model"):
-        module = module.get_base_model()
-    return getattr(module, "_orig_mod", module)
-
-
-def fresh_scheduler(scheduler: Any) -> Any:
-    """A copy, so sampling never changes the scheduler state the trainer holds."""
-    return scheduler.__class__.from_config(scheduler.config)

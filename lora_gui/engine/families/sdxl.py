@@ -10,7 +10,8 @@ from diffusers import StableDiffusionXLPipeline
 
 from lora_gui.engine.families.base import Components, Conditioning
 from lora_gui.engine.families.checkpoint_names import has_ldm_unet, has_sdxl_embeddings
-from lora_gui.engine.families.sd15 import SD15Family, clip_input_ids, fresh_scheduler, unwrap
+from lora_gui.engine.families.common import clip_input_ids, fresh_scheduler, unwrap
+from lora_gui.engine.families.sd15 import SD15Family
 
 if TYPE_CHECKING:
     from lora_gui.config import TrainSection

@@ -77,7 +77,7 @@ def initial_values(tier: str) -> dict[str, Any]:
 def panel_texts(form: dict[str, Any], tier: Any, saved: Any, workspace: Workspace,
                 gpu: GpuInfo | None) -> dict[str, str]:
     """Everything shown around the form: preset preview, validation, estimate, CLI command."""
-    from lora_gui.engine.estimate import estimate
+    from lora_gui.engine.estimate import estimate, has_estimate
 
     texts = {}
     try:
@@ -94,8 +94,11 @@ def panel_texts(form: dict[str, Any], tier: Any, saved: Any, workspace: Workspac
         texts["cli"] = "# Fix the problems in the form first."
         return texts
     texts["validate"] = P.valid_text(config)
-    texts["estimate"] = P.estimate_text(
-        estimate(config, gpu.total_gib if gpu else None, gpu.name if gpu else None), config, gpu)
+    if has_estimate(config.model.family):
+        texts["estimate"] = P.estimate_text(
+            estimate(config, gpu.total_gib if gpu else None, gpu.name if gpu else None), config, gpu)
+    else:
+        texts["estimate"] = "**Estimate:** not available for this model family yet."
     saved_path = Path(saved) if isinstance(saved, str) and P.same_config_file(Path(saved), config) else None
     texts["cli"] = P.cli_command(config, saved_path)
     return texts

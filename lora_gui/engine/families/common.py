@@ -1,0 +1,69 @@
+"""Helpers several families share: frozen components, tokenizing, VAE latents, unwrapping, schedulers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lora_gui.engine.families.base import Components
+from lora_gui.engine.families.loading import place_frozen
+
+if TYPE_CHECKING:
+    from lora_gui.engine.families.base import ModelFamily
+
+
+def frozen_components(family: ModelFamily, pipe: Any, source: str, device: torch.device, dtype: torch.dtype,
+                      **extra: Any) -> Components:
+    """A loaded pipeline's parts, frozen and placed, under the names the family uses."""
+    encoders = [place_frozen(getattr(pipe, key), device, dtype) for key in family.text_encoder_keys]
+    tokenizers = [getattr(pipe, key.replace("text_encoder", "tokenizer")) for key in family.text_encoder_keys]
+    return Components(
+        denoiser=place_frozen(getattr(pipe, family.denoiser_key), device, dtype),
+        vae=place_frozen(pipe.vae, device, dtype),
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        scheduler=pipe.scheduler,
+        source=source,
+        device=device,
+        weight_dtype=dtype,
+        extra=extra,
+    )
+
+
+def clip_input_ids(tokenizer: Any, captions: list[str], encoder: Any) -> torch.Tensor:
+    """Token ids padded to the tokenizer's full length, as the diffusers pipelines do."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids.to(encoder.device)
+
+
+@torch.no_grad()
+def encode_vae_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Deterministic latents (the distribution's mode), shifted and scaled as the denoiser expects.
+
+    A float16 VAE that asks for it (``force_upcast``) encodes in float32, as the pipelines decode.
+    """
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    # torch's own .to(): diffusers' override warns on every cast, and this one is undone at once.
+    if upcast:
+        torch.nn.Module.to(vae, torch.float32)
+    try:
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    finally:
+        if upcast:
+            torch.nn.Module.to(vae, torch.float16)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def unwrap(module: Any) -> Any:
+    """The plain diffusers/transformers module under a peft or torch.compile wrapper."""
+    if hasattr(module, "get_base_model"):
+        module = module.get_base_model()
+    return getattr(module, "_orig_mod", module)
+
+
+def fresh_scheduler(scheduler: Any) -> Any:
+    """A copy, so sampling never changes the scheduler state the trainer holds."""
+    return scheduler.__class__.from_config(scheduler.config)

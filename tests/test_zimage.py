@@ -1,0 +1,121 @@
+"""Z-Image on the built-in tiny pipeline: prompt encoding and loss as diffusers' recipe computes them,
+exact resume, detection, and a CLI run from a local folder."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from helpers import make_dataset, tiny_config
+
+torch = pytest.importorskip("torch")
+
+from safetensors.torch import save_file  # noqa: E402
+
+from lora_gui.config import build_config  # noqa: E402
+from lora_gui.engine.families.builtin import ensure_builtin  # noqa: E402
+from lora_gui.engine.families.detect import detect_family  # noqa: E402
+from lora_gui.engine.families.registry import get_family  # noqa: E402
+from lora_gui.engine.objectives import NoisedBatch  # noqa: E402
+
+pytestmark = pytest.mark.slow
+CAPTIONS = ("sks, a red square", "a much longer caption about a blue circle on a white table")  # the pipeline edits lists it is given
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    family = get_family("zimage")
+    config = build_config(preset="zimage-cpu-demo")
+    components = family.load(config.model, torch.device("cpu"), torch.float32, lambda event: None)
+    return family, components
+
+
+def test_prompt_embeddings_are_the_pipelines(loaded):
+    family, components = loaded
+    pipeline = family.build_pipeline(components)
+    expected, _ = pipeline.encode_prompt(list(CAPTIONS), device=torch.device("cpu"), do_classifier_free_guidance=False,
+                                         max_sequence_length=components.extra["max_sequence_length"])
+    with torch.no_grad():
+        embeds = family.encode_prompts(components, CAPTIONS)
+    for index, reference in enumerate(expected):
+        mask = embeds["prompt_mask"][index].bool()
+        assert int(mask.sum()) == reference.shape[0]
+        torch.testing.assert_close(embeds["prompt_embeds"][index][mask], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_the_reference_recipes(loaded):
+    """The training script's loss: noisy = (1 - s) x0 + s noise, model(noisy, (1000 - t) / 1000, captions),
+    prediction negated, mean squared error against noise - x0."""
+    family, components = loaded
+    generator = torch.Generator().manual_seed(11)
+    latents = torch.randn(2, 16, 8, 8, generator=generator)
+    noise = torch.randn(2, 16, 8, 8, generator=generator)
+    sigmas = torch.tensor([0.25, 0.8])
+    with torch.no_grad():
+        embeds = family.encode_prompts(components, CAPTIONS)
+        pipeline = family.build_pipeline(components)
+        captions, _ = pipeline.encode_prompt(list(CAPTIONS), device=torch.device("cpu"), do_classifier_free_guidance=False,
+                                             max_sequence_length=components.extra["max_sequence_length"])
+        noisy = (1.0 - sigmas.view(-1, 1, 1, 1)) * latents + sigmas.view(-1, 1, 1, 1) * noise
+        timesteps = sigmas * 1000
+        raw = components.denoiser(list(noisy.unsqueeze(2).unbind(0)), (1000 - timesteps) / 1000, captions,
+                                  return_dict=False)[0]
+        reference_prediction = -torch.stack(raw).squeeze(2)
+        target = noise - latents
+        reference = ((reference_prediction.float() - target.float()) ** 2).reshape(2, -1).mean(1).mean()
+
+        objective = family.make_objective(components, build_config(preset="zimage-cpu-demo").train)
+        batch = NoisedBatch(noisy=noisy, timesteps=timesteps, target=target, weights=torch.ones(2))
+        prediction = family.predict(components, noisy, timesteps, embeds, [], None)
+        torch.testing.assert_close(prediction, reference_prediction, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(objective.loss(prediction, batch), reference)
+
+
+def test_stop_then_resume_matches_a_straight_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from lora_gui.engine.train import train
+    from lora_gui.events import Controls, Progress
+
+    dataset = make_dataset(tmp_path / "images")
+    overrides = ["train.max_steps=4", "sample.every=0", "output.save_every=0"]
+    straight = train(tiny_config("zimage", dataset, tmp_path / "straight", *overrides))
+    controls = Controls()
+    stopped = train(tiny_config("zimage", dataset, tmp_path / "split", *overrides),
+                    lambda event: controls.stop() if isinstance(event, Progress) and event.step == 2 else None,
+                    controls)
+    assert stopped.status == "stopped" and stopped.step == 2
+    resumed = train(tiny_config("zimage", dataset, tmp_path / "split", *overrides), resume_from=stopped.checkpoint)
+    expected, actual = load_file(straight.lora_path), load_file(resumed.lora_path)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_detected_from_a_folder_and_from_a_transformer_file(loaded, tmp_path):
+    _, components = loaded
+    folder = tmp_path / "z-image"
+    shutil.copytree(ensure_builtin("builtin:tiny-zimage"), folder)
+    assert detect_family(str(folder)).family == "zimage"
+    state = {name: tensor.contiguous() for name, tensor in components.denoiser.state_dict().items()}
+    save_file(state, str(tmp_path / "transformer.safetensors"))
+    assert detect_family(str(tmp_path / "transformer.safetensors")).family == "zimage"
+    save_file({f"model.diffusion_model.{name}": tensor for name, tensor in state.items()},
+              str(tmp_path / "comfy.safetensors"))
+    assert detect_family(str(tmp_path / "comfy.safetensors")).family == "zimage"
+
+
+def test_cli_trains_from_a_local_folder_with_the_family_detected(tmp_path):
+    dataset = make_dataset(tmp_path / "images")
+    folder = tmp_path / "z-image"
+    shutil.copytree(ensure_builtin("builtin:tiny-zimage"), folder)
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_gui", "train", "--preset", "zimage-cpu-demo", "--set", "model.family=auto",
+         "--set", f"model.base={folder}", "--set", f"dataset.dir={dataset}", "--set", f"output.dir={tmp_path / 'out'}",
+         "--set", "train.max_steps=2", "--set", "sample.every=0"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "model.family auto: Z-Image" in result.stderr
+    assert (tmp_path / "out" / "my-lora.safetensors").is_file()
