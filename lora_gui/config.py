@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-FAMILIES = ("sd15", "sdxl", "flux", "zimage")
+FAMILIES = ("sd15", "sdxl", "flux", "zimage", "flux2-klein")
 # Keys users' files and scripts depend on: renaming one needs a migration.
 PUBLIC_KEYS = (
     "model.family", "model.base", "dataset.dir", "dataset.resolution", "lora.rank", "lora.alpha",
@@ -45,9 +45,9 @@ MAX_ECHOED_CHARS = 120
 
 
 class ModelSection(Section):
-    family: Literal["auto", "sd15", "sdxl", "flux", "zimage"] = Field(
-        "sd15", description="Model family: sd15 (Stable Diffusion 1.5), sdxl, flux (Flux.1 dev/schnell) or zimage "
-                            "(Z-Image Base/Turbo); auto: "
+    family: Literal["auto", "sd15", "sdxl", "flux", "zimage", "flux2-klein"] = Field(
+        "sd15", description="Model family: sd15 (Stable Diffusion 1.5), sdxl, flux (Flux.1 dev/schnell), zimage "
+                            "(Z-Image Base/Turbo) or flux2-klein (Flux.2 Klein 4B/9B); auto: "
                             "told from the base (a folder's model_index.json, a single file's tensor names)."
     )
     base: str = Field(

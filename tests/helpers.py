@@ -35,7 +35,7 @@ def make_dataset(folder: Path) -> Path:
 
 def tiny_config(family: str, dataset: Path, output: Path, *overrides: str) -> TrainingConfig:
     return build_config(
-        preset=f"{family}-cpu-demo" if not family.startswith("flux") else "flux-cpu-demo",
+        preset=f"{family}-cpu-demo" if family != "flux-schnell" else "flux-cpu-demo",
         overrides=[
             f"dataset.dir={dataset}",
             f"output.dir={output}",

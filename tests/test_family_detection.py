@@ -29,7 +29,10 @@ SINGLE_FILES = {
     "sdxl": [*LDM, "model.diffusion_model.label_emb.0.0.weight",
              "conditioner.embedders.1.model.token_embedding.weight"],
     "flux": ["img_in.weight", "txt_in.weight", "double_blocks.0.img_attn.qkv.weight",
-             "single_blocks.0.linear1.weight"],
+             "double_blocks.0.img_mod.lin.weight", "single_blocks.0.linear1.weight"],
+    "flux2-klein": ["img_in.weight", "txt_in.weight", "double_blocks.0.img_attn.qkv.weight",
+                    "single_blocks.0.linear1.weight", "double_stream_modulation_img.lin.weight",
+                    "double_stream_modulation_txt.lin.weight", "single_stream_modulation.lin.weight"],
 }
 
 
@@ -45,7 +48,7 @@ def test_flux_names_under_comfyui_prefix_and_in_diffusers_layout(tmp_path):
     assert detect_family(prefixed).family == "flux"
     diffusers_layout = write_checkpoint(tmp_path / "transformer.safetensors", [
         "x_embedder.weight", "context_embedder.weight", "transformer_blocks.0.attn.to_q.weight",
-        "single_transformer_blocks.0.attn.to_q.weight"])
+        "transformer_blocks.0.norm1.linear.weight", "single_transformer_blocks.0.attn.to_q.weight"])
     assert detect_family(diffusers_layout).family == "flux"
 
 

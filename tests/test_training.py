@@ -13,7 +13,7 @@ from lora_gui.engine.train import train
 from lora_gui.events import CheckpointSaved, Controls, Failed, Finished, Progress, SamplesReady, Status
 
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline",
-             "zimage": "ZImagePipeline"}
+             "zimage": "ZImagePipeline", "flux2-klein": "Flux2KleinPipeline"}
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +22,9 @@ def dataset(tmp_path_factory):
 
 
 def render(pipe, family: str, seed: int = 7) -> np.ndarray:
-    kwargs = {"max_sequence_length": 32} if family in ("flux", "zimage") else {}
+    kwargs = {"max_sequence_length": 32} if family in ("flux", "zimage", "flux2-klein") else {}
     generator = torch.Generator("cpu").manual_seed(seed)
-    image = pipe("sks, a red square", num_inference_steps=2, height=64, width=64, generator=generator,
+    image = pipe(prompt="sks, a red square", num_inference_steps=2, height=64, width=64, generator=generator,
                  output_type="np", **kwargs).images[0]
     return image
 
@@ -47,6 +47,7 @@ def load_pipeline(family: str, base_folder):
         ("flux", "builtin:tiny-flux", ["lora.targets=all+ffs", "train.timestep_sampling=resolution_shift"]),
         ("flux", "builtin:tiny-flux-schnell", ["train.timestep_sampling=logit_normal"]),
         ("zimage", "builtin:tiny-zimage", ["lora.targets=all"]),
+        ("flux2-klein", "builtin:tiny-flux2-klein", ["lora.targets=all"]),
     ],
 )
 def test_family_trains_and_both_files_reload(family, base, extra, dataset, tmp_path):

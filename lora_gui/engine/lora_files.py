@@ -143,15 +143,16 @@ def kohya_prefix(module_key: str, pipeline_class: type) -> str:
 
 
 def kohya_state_dict(exported: Mapping[str, ExportedAdapter], pipeline_class: type,
-                     prefix: str | None = None) -> dict[str, torch.Tensor]:
+                     prefix: str | None = None, fold_alpha: bool = False) -> dict[str, torch.Tensor]:
     """The single file for ComfyUI/A1111/Forge: kohya names for UNet models, alpha-carrying diffusers names for Flux.
 
     diffusers reads ``lora_transformer_*`` Flux keys only for attention layers, while ComfyUI, Forge and
     diffusers all read ``transformer.<module>.lora_A/lora_B`` with a ``.alpha`` beside them, at any model size.
-    ``prefix`` replaces the module key in front of diffusers names (a family's ``single_file_lora_prefix``).
+    ``prefix`` replaces the module key in front of diffusers names (a family's ``single_file_lora_prefix``);
+    ``fold_alpha`` scales each down weight by alpha / rank and writes no alpha keys.
     """
     if prefix is not None:
-        return _named_state_dict(exported, lambda key, path: f"{prefix}{path}", _DIFFUSERS_SUFFIXES)
+        return _named_state_dict(exported, lambda key, path: f"{prefix}{path}", _DIFFUSERS_SUFFIXES, fold_alpha)
     if "transformer" in exported:
         return _named_state_dict(exported, lambda key, path: f"{key}.{path}", _DIFFUSERS_SUFFIXES)
     return _named_state_dict(
@@ -163,8 +164,10 @@ _KOHYA_SUFFIXES = {"lora_A": ".lora_down.weight", "lora_B": ".lora_up.weight"}
 _DIFFUSERS_SUFFIXES = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
 
 
-def _named_state_dict(exported: Mapping[str, ExportedAdapter], layer_name, suffixes: dict[str, str]):
-    """Every adapter tensor under ``layer_name(module_key, layer_path)`` plus a suffix, with an alpha per layer."""
+def _named_state_dict(exported: Mapping[str, ExportedAdapter], layer_name, suffixes: dict[str, str],
+                      fold_alpha: bool = False):
+    """Every adapter tensor under ``layer_name(module_key, layer_path)`` plus a suffix, with an alpha per layer
+    (or, with ``fold_alpha``, the down weights scaled by alpha / rank and no alpha)."""
     import torch
 
     tensors: dict[str, torch.Tensor] = {}
@@ -172,11 +175,13 @@ def _named_state_dict(exported: Mapping[str, ExportedAdapter], layer_name, suffi
         for name, tensor in adapter.state.items():
             module_path, kind = _split_peft_key(name)
             layer = layer_name(key, adapter.text_model_prefix + module_path)
-            if kind in suffixes:
+            if kind == "lora_A" and fold_alpha:
+                tensors[layer + suffixes[kind]] = (tensor.float() * adapter.alpha / tensor.shape[0]).to(tensor.dtype)
+            elif kind in suffixes:
                 tensors[layer + suffixes[kind]] = tensor.contiguous()
             else:
                 tensors[f"{layer}.dora_scale"] = _output_axis_dora_scale(tensor)
-            if kind == "lora_A":
+            if kind == "lora_A" and not fold_alpha:
                 tensors[f"{layer}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
     return tensors
 
@@ -287,6 +292,7 @@ def save_lora_files(
     adapter_name: str = "default",
     dtype: torch.dtype | None = None,
     single_file_prefix: str | None = None,
+    single_file_folds_alpha: bool = False,
 ) -> tuple[Path, Path]:
     """Write the kohya/ComfyUI/A1111 file and the diffusers file, each atomically.
 
@@ -302,7 +308,7 @@ def save_lora_files(
     diffusers_file = Path(diffusers_path)
     if diffusers_file.suffix != ".safetensors":
         diffusers_file = diffusers_file / DIFFUSERS_WEIGHT_NAME
-    _atomic_save(kohya_state_dict(exported, pipeline_class, single_file_prefix), kohya_file,
+    _atomic_save(kohya_state_dict(exported, pipeline_class, single_file_prefix, single_file_folds_alpha), kohya_file,
                  _kohya_metadata(exported, metadata))
     write_diffusers_file(exported, pipeline_class, diffusers_file, metadata)
     return kohya_file, diffusers_file

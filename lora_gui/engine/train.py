@@ -372,6 +372,7 @@ class TrainingRun:
         save_lora_files(
             self.family.pipeline_class(), self.lora_modules, self.config.lora, kohya_path, diffusers_path,
             self.metadata(), single_file_prefix=self.family.single_file_lora_prefix,
+            single_file_folds_alpha=self.family.single_file_folds_alpha,
         )
         return kohya_path, diffusers_path
 

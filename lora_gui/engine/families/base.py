@@ -63,8 +63,10 @@ class ModelFamily(ABC):
     pipeline_class_name: ClassVar[str]
     # Hugging Face ids the model picker offers (the first is the default on a GPU).
     hub_models: ClassVar[tuple[str, ...]] = ()
-    # The single LoRA file's key prefix when it uses diffusers module names (None: the kohya layout).
+    # The single LoRA file's key prefix when it uses diffusers module names (None: the kohya layout), and
+    # whether its alpha is folded into the weights instead of stored (for loaders that refuse alpha keys).
     single_file_lora_prefix: ClassVar[str | None] = None
+    single_file_folds_alpha: ClassVar[bool] = False
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:

@@ -21,6 +21,7 @@ BUILTIN_MODELS = {
     "tiny-flux": "flux",
     "tiny-flux-schnell": "flux",
     "tiny-zimage": "zimage",
+    "tiny-flux2-klein": "flux2-klein",
 }
 # Bump when a builder changes so stale cached folders are rebuilt.
 BUILTIN_VERSION = 1
@@ -281,7 +282,14 @@ _BUILDERS = {
     "tiny-flux": _build_flux,
     "tiny-flux-schnell": lambda folder: _build_flux(folder, guidance_embeds=False),
     "tiny-zimage": lambda folder: _build_tiny_zimage(folder),
+    "tiny-flux2-klein": lambda folder: _build_tiny_flux2_klein(folder),
 }
+
+
+def _build_tiny_flux2_klein(folder: Path) -> None:
+    from lora_gui.engine.families.builtin_qwen import build_tiny_flux2_klein
+
+    build_tiny_flux2_klein(folder, SEED)
 
 
 def _build_tiny_zimage(folder: Path) -> None:

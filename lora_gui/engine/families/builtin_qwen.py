@@ -1,4 +1,4 @@
-"""Built-in tiny models whose text encoder is a Qwen-style chat model (Z-Image).
+"""Built-in tiny models whose text encoder is a Qwen-style chat model (Z-Image, Flux.2 Klein).
 
 The tokenizer is byte-level BPE over the 256 byte symbols (any text round-trips) plus the chat
 special tokens, with a chat template of the same shape as Qwen3's, made here so nothing is fetched.
@@ -69,4 +69,40 @@ def build_tiny_zimage(folder: Path, seed: int) -> None:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0, use_dynamic_shifting=False)
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                           transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_tiny_flux2_klein(folder: Path, seed: int) -> None:
+    """A base (not distilled) Klein: 27 text-encoder layers so that hidden states 9, 18 and 27 exist."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = chat_tokenizer()
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
+    ))
+    vae = AutoencoderKLFlux2(
+        sample_size=64, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    with torch.no_grad():  # trained statistics are far from 0 and 1: skipping them must show
+        vae.bn.running_mean.normal_(0.0, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * 16, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=False)
     pipe.save_pretrained(folder, safe_serialization=True)

@@ -66,11 +66,10 @@ class FluxFamily(ModelFamily):
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:
         """A transformer in Black Forest Labs' naming (optionally under ``model.diffusion_model.``), or in diffusers'."""
         bfl = {name.removeprefix("model.diffusion_model.") for name in tensor_names}
-        if {"img_in.weight", "txt_in.weight"} <= bfl:
-            return any(name.startswith("double_blocks.") for name in bfl) and any(
-                name.startswith("single_blocks.") for name in bfl)
-        return {"x_embedder.weight", "context_embedder.weight"} <= set(tensor_names) and any(
-            name.startswith("single_transformer_blocks.") for name in tensor_names)
+        if {"img_in.weight", "txt_in.weight"} <= bfl:  # Flux.2 has no per-block modulation (img_mod)
+            return "double_blocks.0.img_mod.lin.weight" in bfl and any(name.startswith("single_blocks.") for name in bfl)
+        return {"x_embedder.weight", "context_embedder.weight", "transformer_blocks.0.norm1.linear.weight"} <= set(
+            tensor_names)
 
     def pipeline_class(self) -> type:
         return FluxPipeline

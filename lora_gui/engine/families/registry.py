@@ -16,6 +16,7 @@ FAMILIES: dict[str, str] = {
     "sdxl": "lora_gui.engine.families.sdxl:SDXLFamily",
     "flux": "lora_gui.engine.families.flux:FluxFamily",
     "zimage": "lora_gui.engine.families.zimage:ZImageFamily",
+    "flux2-klein": "lora_gui.engine.families.flux2_klein:Flux2KleinFamily",
 }
 
 
