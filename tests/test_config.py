@@ -11,6 +11,7 @@ from lora_gui.config import (
     field_info,
     list_presets,
     load_preset,
+    preset_description,
     read_config_file,
     save_config,
 )
@@ -107,7 +108,8 @@ def test_every_preset_is_valid_and_sparse():
     for name in names:
         data = load_preset(name)
         config = build_config(preset=name)
-        assert config.model.family == name.split("-")[0]
+        family = preset_description(name)["family"]
+        assert name.startswith(f"{family}-") and config.model.family == family
         assert len(json.dumps(data)) < len(json.dumps(config.model_dump(mode="json")))
 
 
