@@ -95,11 +95,41 @@ def test_smoothed_loss_and_plot_tables():
     smooth = run_view.smoothed([1.0, 0.0] * 50)
     assert 0.4 < smooth[-1] < 0.6
     losses = [(step, 1.0 / step, 1e-4) for step in range(1, 2001)]
-    frame = run_view.loss_frame(losses, limit=100)
-    assert set(frame["series"]) == {"raw", "smoothed"} and len(frame) <= 2 * 101
-    assert frame["step"].max() == 2000  # the newest step is always drawn
-    assert list(run_view.lr_frame(losses[:3]).columns) == ["step", "lr"]
-    assert run_view.loss_frame([(1, float("nan"), 1e-4)]).empty
+    plot = run_view.loss_plot(losses, limit=100)
+    assert plot["columns"] == ["step", "loss", "series"] and plot["mark"] == "line"
+    assert plot["datatypes"] == {"step": "quantitative", "loss": "quantitative", "series": "nominal"}
+    assert {row[2] for row in plot["data"]} == {"raw", "smoothed"} and len(plot["data"]) <= 2 * 101
+    assert max(row[0] for row in plot["data"]) == 2000  # the newest step is always drawn
+    lr = run_view.lr_plot(losses[:3])
+    assert lr["columns"] == ["step", "lr"] and lr["data"] == [[1, 1e-4], [2, 1e-4], [3, 1e-4]]
+    # no finite loss: no table at all, as an empty one would fix the plot's colour legend to nothing
+    assert run_view.loss_plot([(1, float("nan"), 1e-4)]) is None and run_view.lr_plot([]) is None
+
+
+def test_plot_tables_are_what_gradio_makes_of_a_data_frame():
+    """The prebuilt tables equal gr.LinePlot's own postprocessing of the equivalent DataFrame."""
+    import pandas as pd
+
+    losses = [(step, 2.0 / step, 1e-4 * step) for step in range(1, 50)]
+    rows = run_view.loss_rows(losses)
+    frame = pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"series": "object"})
+    plot = gr.LinePlot(x="step", y="loss", color="series", render=False)
+    ours = run_view.loss_plot(losses)
+    assert_same_plot(plot.postprocess(frame).model_dump(), ours)
+    assert plot.postprocess(ours) is ours  # sent as it is: no DataFrame per browser
+    lr_frame = pd.DataFrame(run_view.lr_rows(losses), columns=["step", "lr"])
+    assert_same_plot(gr.LinePlot(x="step", y="lr", render=False).postprocess(lr_frame).model_dump(),
+                     run_view.lr_plot(losses))
+
+
+def assert_same_plot(theirs: dict, ours: dict) -> None:
+    """Equal tables, numbers to the 10 decimals pandas keeps (its JSON export rounds them)."""
+    assert {k: v for k, v in theirs.items() if k != "data"} == {k: v for k, v in ours.items() if k != "data"}
+    assert len(theirs["data"]) == len(ours["data"])
+    for mine, other in zip(ours["data"], theirs["data"], strict=True):
+        assert len(mine) == len(other)
+        for a, b in zip(mine, other, strict=True):
+            assert a == b if isinstance(a, str) else a == pytest.approx(b, rel=1e-9, abs=1e-10)
 
 
 def test_gallery_rows_are_steps_newest_first():
@@ -154,9 +184,12 @@ def test_start_refusals_say_what_to_do(tmp_path):
     assert not session.runner.is_active
     assert "not a complete checkpoint" in train.resume_run(session, tab, form_values(tab), "outputs/run/../../x")
     assert train.control(session, "pause").startswith("⚠️ Pause is not possible while the run is idle")
-    panels, keys = train.poll(session, {})
-    assert panels["buttons"]["start"] and "Idle" in panels["status"]
-    assert train.poll(session, keys)[0] == {}  # nothing changed: nothing is re-sent
+    status, memory, *triggers = train.poll(session)
+    assert "Idle" in status and memory.startswith("GPU memory") and len(triggers) == len(run_view.GROUPS)
+    assert train.poll(session) == [status, memory, *triggers]  # nothing changed: the browser fetches nothing more
+    controls = train.controls_panel(session)
+    assert controls[4 + train.BUTTONS.index("start")]["interactive"] is True
+    assert controls[4 + train.BUTTONS.index("stop")]["interactive"] is False
 
 
 class StubRunner:
@@ -167,6 +200,9 @@ class StubRunner:
 
     def snapshot(self) -> RunSnapshot:
         return self._snapshot
+
+    def version(self):
+        return id(self._snapshot)
 
 
 def test_gradio_server_smoke(tmp_path):
@@ -200,10 +236,16 @@ def test_gradio_server_smoke(tmp_path):
         events = {target[1] for dep in config["dependencies"] for target in dep["targets"]}
         assert {"tick", "click", "select", "input"} <= events
         client = Client(url, verbose=False)
-        status, memory, loss, lr, gallery, log, error, *_ = client.predict(api_name="/train_poll")
-        assert "Failed" in status and len(loss["data"]) == 4 and log == "Error: OOM"
+        status, memory, *triggers = client.predict(api_name="/train_poll")
+        assert "Failed" in status and memory.startswith("GPU memory") and len(triggers) == 4
+        loss, lr = client.predict(api_name="/train_plots")
+        assert len(loss["data"]) == 4 and len(lr["data"]) == 2
+        gallery = client.predict(api_name="/train_gallery")
         assert gallery["value"][0]["caption"] == "step 5 · sks"
-        assert error["visible"] and "The GPU ran out of memory." in error["value"]
+        assert client.predict(api_name="/train_log") == "Error: OOM"
+        error, details, *_, timer = client.predict(api_name="/train_controls")  # no accordion, no buttons
+        assert error["visible"] and "The GPU ran out of memory." in error["value"] and details == "Traceback: OOM"
+        assert timer["value"] == train.IDLE_POLL_S  # no run active: the timer slows down
         assert client.predict(api_name="/train_pause").startswith("⚠️")
     finally:
         app.close()

@@ -56,6 +56,8 @@ class TrainingRunner:
         self._controls = Controls()
         self._snapshot = RunSnapshot()
         self.output_dir: Path | None = None
+        self._changes = 0  # counts events recorded; see version()
+        self._versioned: RunSnapshot | None = None
 
     # ------------------------------------------------------------------ commands
     def start(self, config: TrainingConfig, resume_from: str | Path | None = None, overwrite: bool = False) -> None:
@@ -111,6 +113,18 @@ class TrainingRunner:
     def is_active(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def version(self) -> tuple[int, str, bool]:
+        """A token that differs whenever ``snapshot()`` would return something different; cheap (no copy).
+
+        Pollers compare it with the token of what they last rendered and skip the work when it is
+        equal, so many clients polling cost one render per change rather than one per poll.
+        """
+        with self._lock:
+            if self._snapshot is not self._versioned:  # a new run replaced the snapshot
+                self._versioned = self._snapshot
+                self._changes += 1
+            return self._changes, self._snapshot.state, self.is_active
+
     def snapshot(self) -> RunSnapshot:
         with self._lock:
             snap = self._snapshot
@@ -135,6 +149,7 @@ class TrainingRunner:
     def _record(self, event: Event) -> None:
         with self._lock:
             _apply(self._snapshot, event)
+            self._changes += 1
 
 
 def _apply(snap: RunSnapshot, event: Event) -> None:

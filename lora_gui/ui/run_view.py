@@ -3,20 +3,35 @@
 Every function is pure so it can be tested without a browser: status line, smoothed loss, plot
 tables, the validation-image gallery, button states per run state, and error messages that say
 what to do (for out-of-memory: the next VRAM preset down).
+
+``SharedView`` renders all of it once per change of the run and hands the same ``RunView`` to every
+browser tab that polls, so twenty tabs cost one render, not twenty. Each panel group carries a
+version; a browser fetches a group only when its version moved (see ``ui/tabs/train.py``).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
-from collections.abc import Sequence
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 from lora_gui.engine.runner import RunSnapshot
 
 ACTIVE_STATES = ("running", "paused", "stopping")
 LOG_LINES = 200
-PLOT_POINTS = 800
+# Points per plotted line: plenty for a plot a few hundred pixels wide. Every point is walked several
+# times by Gradio for every browser it is sent to, so this bounds the cost of a plot refresh.
+PLOT_POINTS = 200
+# While a run trains, the plots are re-sent at most this often (the status line shows every step).
+PLOT_REFRESH_S = 5.0
 SMOOTHING = 0.9
+# The panel groups a browser fetches separately, each when its version changes.
+GROUPS = ("plots", "gallery", "log", "controls")
 STATE_LABELS = {
     "idle": "Idle", "running": "Running", "paused": "Paused", "stopping": "Stopping (saving a checkpoint)",
     "finished": "Finished", "stopped": "Stopped", "failed": "Failed",
@@ -107,27 +122,36 @@ def _thin(count: int, limit: int) -> list[int]:
     return indices if indices[-1] == count - 1 else [*indices, count - 1]
 
 
-def loss_frame(losses: Sequence[tuple[int, float, float]], limit: int = PLOT_POINTS):
-    """Long-format table (step, loss, series) with raw and smoothed loss, for ``gr.LinePlot``."""
-    import pandas as pd
-
+def loss_rows(losses: Sequence[tuple[int, float, float]], limit: int = PLOT_POINTS) -> list[list]:
+    """Long-format rows [step, loss, series] with raw and smoothed loss (non-finite losses left out)."""
     finite = [(step, loss) for step, loss, _ in losses if math.isfinite(loss)]
-    steps = [step for step, _ in finite]
-    raw = [loss for _, loss in finite]
-    smooth = smoothed(raw)
-    keep = _thin(len(steps), limit)
-    rows = [(steps[i], raw[i], "raw") for i in keep] + [(steps[i], smooth[i], "smoothed") for i in keep]
-    # object, not pandas 3's string dtype, which the plot cannot colour by
-    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64",
-                                                                          "series": "object"})
+    smooth = smoothed([loss for _, loss in finite])
+    keep = _thin(len(finite), limit)
+    return ([[finite[i][0], finite[i][1], "raw"] for i in keep]
+            + [[finite[i][0], smooth[i], "smoothed"] for i in keep])
 
 
-def lr_frame(losses: Sequence[tuple[int, float, float]], limit: int = PLOT_POINTS):
-    import pandas as pd
+def lr_rows(losses: Sequence[tuple[int, float, float]], limit: int = PLOT_POINTS) -> list[list]:
+    return [[losses[i][0], losses[i][2]] for i in _thin(len(losses), limit)]
 
-    keep = _thin(len(losses), limit)
-    rows = [(losses[i][0], losses[i][2]) for i in keep]
-    return pd.DataFrame(rows, columns=["step", "lr"]).astype({"step": "int64", "lr": "float64"})
+
+def line_plot(columns: Sequence[str], rows: list[list], nominal: Sequence[str] = ()) -> dict | None:
+    """A table as ``gr.LinePlot`` sends it to the browser (what it makes of a DataFrame), built once.
+
+    None for no rows: an empty table would fix the plot's colour legend to nothing for good.
+    """
+    if not rows:
+        return None
+    datatypes = {name: "nominal" if name in nominal else "quantitative" for name in columns}
+    return {"columns": list(columns), "data": rows, "datatypes": datatypes, "mark": "line"}
+
+
+def loss_plot(losses: Sequence[tuple[int, float, float]], limit: int = PLOT_POINTS) -> dict | None:
+    return line_plot(("step", "loss", "series"), loss_rows(losses, limit), nominal=("series",))
+
+
+def lr_plot(losses: Sequence[tuple[int, float, float]], limit: int = PLOT_POINTS) -> dict | None:
+    return line_plot(("step", "lr"), lr_rows(losses, limit))
 
 
 # ----------------------------------------------------------------------------- images and log
@@ -213,3 +237,94 @@ def view_keys(snap: RunSnapshot) -> dict[str, object]:
         "error": None if snap.error is None else (snap.error.message, snap.error.time),
         "buttons": snap.state,
     }
+
+
+# ----------------------------------------------------------------------------- the shared view
+
+
+@dataclass(frozen=True)
+class RunView:
+    """Everything the Train tab shows, rendered once per change and shared by every browser tab."""
+
+    status: str
+    memory: str
+    loss: dict | None
+    lr: dict | None
+    gallery: list[tuple[str, str]]
+    columns: int
+    log: str
+    error: tuple[str, str] | None
+    buttons: dict[str, bool]
+    checkpoints: list[tuple[str, str]] | None  # None: no run yet, leave the dropdown alone
+    active: bool
+    keys: dict[str, object]  # per group: what its content was rendered from
+    versions: dict[str, int]
+    plots_at: float  # when the plots were rendered (time.monotonic)
+    plots_behind: bool  # steps arrived since, held back until PLOT_REFRESH_S has passed
+    nonce: str = ""
+
+    def triggers(self) -> list[str]:
+        """One short string per group; a browser refetches a group when its string changes."""
+        return [f"{name}-{self.nonce}-{self.versions[name]}" for name in GROUPS]
+
+    def plots_due(self, now: float) -> bool:
+        return self.plots_behind and now - self.plots_at >= PLOT_REFRESH_S
+
+
+def render_view(snap: RunSnapshot, previous: RunView | None, now: float, *, active: bool, memory: str,
+                error_panel: Callable[[object], tuple[str, str] | None],
+                checkpoints: Callable[[], list[tuple[str, str]]] | None, checkpoints_key: object = None) -> RunView:
+    """The view of ``snap``, reusing from ``previous`` every group whose content did not change."""
+    keys = view_keys(snap)
+    wanted = {"plots": keys["plots"], "gallery": keys["samples"], "log": keys["log"],
+              "controls": (keys["error"], keys["buttons"], active, checkpoints_key)}
+
+    def same(name: str) -> bool:
+        return previous is not None and previous.keys[name] == wanted[name]
+
+    hold_plots = (previous is not None and previous.loss is not None and snap.state == "running"
+                  and len(snap.losses) > previous.keys["plots"][0] and now - previous.plots_at < PLOT_REFRESH_S)
+    if same("plots") or hold_plots:
+        loss, lr, plots_at, plots_key = previous.loss, previous.lr, previous.plots_at, previous.keys["plots"]
+    else:
+        loss, lr, plots_at, plots_key = loss_plot(snap.losses), lr_plot(snap.losses), now, wanted["plots"]
+    gallery = ((previous.gallery, previous.columns) if same("gallery")
+               else (gallery_items(snap.samples), gallery_columns(snap.samples)))
+    log = previous.log if same("log") else log_text(snap.log)
+    if same("controls"):
+        error, buttons, choices = previous.error, previous.buttons, previous.checkpoints
+    else:
+        error, buttons = error_panel(snap.error), button_states(snap.state)
+        choices = checkpoints() if checkpoints is not None else None
+    rendered = {**wanted, "plots": plots_key}
+    versions = dict.fromkeys(GROUPS, 0) if previous is None else {
+        name: previous.versions[name] + (previous.keys[name] != rendered[name]) for name in GROUPS}
+    # as gr.Markdown would postprocess them: the poll event sends them as they are (postprocess=False)
+    status, memory = inspect.cleandoc(status_markdown(snap)), inspect.cleandoc(memory)
+    return RunView(status=status, memory=memory, loss=loss, lr=lr, gallery=gallery[0],
+                   columns=gallery[1], log=log, error=error, buttons=buttons, checkpoints=choices, active=active,
+                   keys=rendered, versions=versions, plots_at=plots_at, plots_behind=plots_key != wanted["plots"])
+
+
+@dataclass
+class SharedView:
+    """The latest ``RunView``, re-rendered only when the run changed (or held-back plots fell due).
+
+    ``get(token, render)``: ``token`` is the runner's ``version()``; ``render(previous, now)`` makes
+    the new view. One lock: concurrent pollers wait for one render instead of each rendering.
+    """
+
+    clock: Callable[[], float] = time.monotonic
+    nonce: str = field(default_factory=lambda: secrets.token_hex(3))  # versions from another process differ
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _token: object = None
+    _view: RunView | None = None
+
+    def get(self, token: object, render: Callable[[RunView | None, float], RunView]) -> RunView:
+        with self._lock:
+            now = self.clock()
+            view = self._view
+            if view is None or token != self._token or view.plots_due(now):
+                view = self._view = replace(render(view, now), nonce=self.nonce)
+                self._token = token
+            return view

@@ -12,6 +12,7 @@ from functools import cached_property
 from typing import Any
 
 from lora_gui.engine.runner import TrainingRunner
+from lora_gui.ui.run_view import SharedView
 from lora_gui.ui.workspace import Workspace
 
 
@@ -29,6 +30,8 @@ class GpuInfo:
 class AppSession:
     workspace: Workspace
     runner: TrainingRunner = field(default_factory=TrainingRunner)
+    # The Train tab's view of the run, rendered once per change and shared by every browser tab.
+    train_view: SharedView = field(default_factory=SharedView)
     # Guards work that must not overlap (captioning, comparisons) across browser tabs.
     busy_lock: threading.Lock = field(default_factory=threading.Lock)
     # The Test tab's base model for finished runs (freed when a run starts); see ui/comparison.py.

@@ -1,8 +1,16 @@
 """The Train tab: start, pause, continue, stop, sample now, save now, resume from a checkpoint.
 
-The run belongs to the app process (``session.runner``), not to a browser tab: a ``gr.Timer`` polls
-``runner.snapshot()`` and re-sends only the panels that changed, so a reload or a second tab
-re-attaches to the live run. The training thread never touches a component.
+The run belongs to the app process (``session.runner``), not to a browser tab, so a reload or a
+second tab re-attaches to the live run; the training thread never touches a component. Polling is
+built to cost little however many tabs watch (with Gradio, every output of an event costs work per
+browser on every call, even a ``gr.skip()``):
+
+- the view is rendered once per change of the run and shared by every tab (``session.train_view``);
+- a ``gr.Timer`` (every second while a run is active, every few seconds otherwise) fetches only the
+  status line, the memory line and one short version string per panel group (hidden textboxes);
+- a group's version changing fires that textbox's ``change`` in the browser, which fetches the group
+  (plots, validation images, log, or errors/buttons/checkpoints): heavy panels travel once per
+  change, and the plots at most every ``run_view.PLOT_REFRESH_S`` seconds while training.
 
 The handlers below are plain functions (session, config tab, values) -> message, so tests call them
 directly. Start and Resume set ``session.train_started_config`` (the run's TrainingConfig), which
@@ -153,34 +161,58 @@ def refresh_checkpoints(session, config_tab, values: dict):
 
 # ----------------------------------------------------------------------------- polling
 
+POLL_S = 1.0  # timer interval while a run is active
+IDLE_POLL_S = 5.0  # otherwise: still notices a run started from another tab or browser
 
-def poll(session, last_keys: dict | None) -> tuple[dict, dict]:
-    """The panels whose content changed since ``last_keys``, as {panel: value}, and the new keys."""
-    snap = session.runner.snapshot()
-    keys = run_view.view_keys(snap)
-    keys["checkpoints"] = (len(snap.checkpoints), snap.state, str(session.runner.output_dir))
-    last = last_keys or {}
-    changed = {name for name, key in keys.items() if name not in last or last[name] != key}
-    panels: dict = {}
-    if "status" in changed:
-        panels["status"] = run_view.status_markdown(snap)
-        panels["memory"] = run_view.memory_text(_memory_report())
-    if "plots" in changed:
-        # An empty table would fix the plot's colour legend to nothing for good: send no value instead.
-        has_data = bool(snap.losses)
-        panels["loss"] = run_view.loss_frame(snap.losses) if has_data else None
-        panels["lr"] = run_view.lr_frame(snap.losses) if has_data else None
-    if "samples" in changed:
-        panels["gallery"] = (run_view.gallery_items(snap.samples), run_view.gallery_columns(snap.samples))
-    if "log" in changed:
-        panels["log"] = run_view.log_text(snap.log)
-    if "error" in changed:
-        panels["error"] = _error_panel(session, snap.error)
-    if "buttons" in changed:
-        panels["buttons"] = run_view.button_states(snap.state)
-    if "checkpoints" in changed and session.runner.output_dir is not None:
-        panels["checkpoints"] = checkpoint_choices(session, session.runner.output_dir)
-    return panels, keys
+
+def current_view(session) -> run_view.RunView:
+    """The shared view of the run, rendered only if the run changed since the last render."""
+    runner = session.runner
+    return session.train_view.get(runner.version(), lambda previous, now: _render(session, previous, now))
+
+
+def _render(session, previous: run_view.RunView | None, now: float) -> run_view.RunView:
+    runner = session.runner
+    snap, output_dir = runner.snapshot(), runner.output_dir
+    return run_view.render_view(
+        snap, previous, now, active=runner.is_active, memory=run_view.memory_text(_memory_report()),
+        error_panel=lambda error: _error_panel(session, error),
+        checkpoints=None if output_dir is None else lambda: checkpoint_choices(session, output_dir),
+        checkpoints_key=(len(snap.checkpoints), str(output_dir)),
+    )
+
+
+def poll(session) -> list:
+    """The timer's outputs: status line, memory line, and the version string of each panel group."""
+    view = current_view(session)
+    return [view.status, view.memory, *view.triggers()]
+
+
+def plots_panel(session) -> list:
+    view = current_view(session)
+    return [view.loss, view.lr]
+
+
+def gallery_panel(session):
+    view = current_view(session)
+    return gr.update(value=view.gallery, columns=view.columns)
+
+
+def log_panel(session) -> str:
+    return current_view(session).log
+
+
+def controls_panel(session) -> list:
+    """Error box, error details, checkpoint list, button states and the timer's interval."""
+    view = current_view(session)
+    error_text, error_details = view.error or ("", "")
+    choices = view.checkpoints
+    return [
+        gr.update(value=error_text, visible=bool(error_text)), gr.update(visible=bool(error_details)), error_details,
+        gr.skip() if choices is None else gr.update(choices=choices, value=choices[0][1] if choices else None),
+        *[gr.update(interactive=view.buttons[name]) for name in BUTTONS],
+        gr.Timer(POLL_S if view.active else IDLE_POLL_S),
+    ]
 
 
 def _memory_report() -> dict | None:
@@ -234,18 +266,24 @@ def build(session, config_tab) -> None:
     gallery = gr.Gallery(label="Validation images: one row per step, newest first", columns=2, height=520,
                          object_fit="contain", elem_id="lg-validation-gallery")
     log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, autoscroll=True)
-    keys = gr.State({})
-    timer = gr.Timer(1.0)
+    # One version string per panel group; the browser fetches a group when its string changes.
+    triggers = {name: gr.Textbox(visible="hidden", interactive=False, container=False, show_label=False)
+                for name in run_view.GROUPS}
+    timer = gr.Timer(POLL_S)
 
     button_list = [buttons[name] for name in BUTTONS]
-    outputs = [status, memory, loss_plot, lr_plot, gallery, log, error, details_box, details, checkpoint,
-               *button_list, keys]
-
-    def tick(last_keys):
-        panels, new_keys = poll(session, last_keys)
-        return [*_updates(panels, button_list), new_keys]
-
-    timer.tick(tick, keys, outputs, show_progress="hidden", queue=False, api_name="train_poll")
+    poll_outputs = [status, memory, *triggers.values()]
+    quiet = {"show_progress": "hidden", "queue": False}
+    # The poll's and the plots' values are sent as they are: rendered once in the shared view exactly as
+    # the components would postprocess them, which saves Gradio a thread hop per output per browser.
+    timer.tick(lambda: poll(session), None, poll_outputs, api_name="train_poll", postprocess=False, **quiet)
+    triggers["plots"].change(lambda: plots_panel(session), None, [loss_plot, lr_plot], api_name="train_plots",
+                             postprocess=False, **quiet)
+    triggers["gallery"].change(lambda: gallery_panel(session), None, gallery, api_name="train_gallery", **quiet)
+    triggers["log"].change(lambda: log_panel(session), None, log, api_name="train_log", **quiet)
+    triggers["controls"].change(lambda: controls_panel(session), None,
+                                [error, details_box, details, checkpoint, *button_list, timer],
+                                api_name="train_controls", **quiet)
     config_inputs = config_tab.inputs()
 
     def on_start(data):
@@ -255,7 +293,7 @@ def build(session, config_tab) -> None:
         return resume_run(session, config_tab, data, data.get(checkpoint))
 
     def then_poll(event):  # show the new state at once instead of at the next tick
-        event.then(tick, keys, outputs, show_progress="hidden", api_visibility="undocumented")
+        event.then(lambda: poll(session), None, poll_outputs, show_progress="hidden", api_visibility="undocumented")
 
     then_poll(buttons["start"].click(on_start, config_inputs | {overwrite}, message, api_name="train_start"))
     then_poll(buttons["resume_checkpoint"].click(on_resume, config_inputs | {checkpoint}, message,
@@ -265,25 +303,3 @@ def build(session, config_tab) -> None:
                                         api_name=f"train_{action}"))
     refresh.click(lambda data: refresh_checkpoints(session, config_tab, data), config_inputs, [checkpoint, message],
                   api_name="train_checkpoints")
-
-
-def _updates(panels: dict, button_list: list) -> list:
-    skip = gr.skip()
-    error = panels.get("error", skip)
-    if error is not skip:
-        error_text, error_details = error or ("", "")
-        error_updates = [gr.update(value=error_text, visible=bool(error_text)),
-                         gr.update(visible=bool(error_details)), error_details]
-    else:
-        error_updates = [skip, skip, skip]
-    gallery = panels.get("gallery")
-    states = panels.get("buttons")
-    choices = panels.get("checkpoints")
-    return [
-        panels.get("status", skip), panels.get("memory", skip), panels.get("loss", skip), panels.get("lr", skip),
-        skip if gallery is None else gr.update(value=gallery[0], columns=gallery[1]),
-        panels.get("log", skip), *error_updates,
-        skip if choices is None else gr.update(choices=choices, value=choices[0][1] if choices else None),
-        *([skip] * len(button_list) if states is None else
-          [gr.update(interactive=states[name]) for name in BUTTONS]),
-    ]
