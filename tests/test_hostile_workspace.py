@@ -423,3 +423,24 @@ def test_login_route_is_throttled_per_client(tmp_path):
         assert login(url, "right-pass") == 200 and fake.sleeps == [1.0, 2.0]  # waited its turn, then let in
         assert "127.0.0.1" not in guard.failures
     assert L.login_options(None) == {"auth": None}
+
+
+@pytest.mark.slow
+def test_training_from_the_app_leaves_out_links_out_of_the_workspace(tmp_path):
+    import time
+
+    from helpers import make_dataset, tiny_config
+
+    workspace = Workspace.create(tmp_path / "ws")
+    dataset = make_dataset(workspace.datasets / "cats")
+    outside = make_dataset(tmp_path / "outside")
+    (dataset / "linked.png").symlink_to(outside / "img0.png")
+    (dataset / "linked.txt").symlink_to(outside / "img0.txt")
+    session = AppSession(workspace=workspace)
+    session.runner.start(tiny_config("sd15", dataset, workspace.outputs / "run", "train.max_steps=1"))
+    deadline = time.monotonic() + 120
+    while session.runner.is_active and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = "\n".join(session.runner.snapshot().log)
+    assert session.runner.snapshot().state == "finished", log
+    assert "6 images" in log and "7 images" not in log, log

@@ -56,6 +56,8 @@ class TrainingRunner:
         self._controls = Controls()
         self._snapshot = RunSnapshot()
         self.output_dir: Path | None = None
+        # The app confines a run's dataset scan to its workspace (links out of it are left out).
+        self.confine_to: Path | None = None
         self._changes = 0  # counts events recorded; see version()
         self._versioned: RunSnapshot | None = None
 
@@ -137,8 +139,13 @@ class TrainingRunner:
     def _run(self, config: TrainingConfig, resume_from, overwrite: bool) -> None:
         from lora_gui.engine.train import train
 
+        from contextlib import nullcontext
+
+        from lora_gui.data.scan import confined_to
+
         try:
-            train(config, self._record, self._controls, resume_from=resume_from, overwrite=overwrite)
+            with confined_to(self.confine_to) if self.confine_to is not None else nullcontext():
+                train(config, self._record, self._controls, resume_from=resume_from, overwrite=overwrite)
         except Exception:  # already reported through a Failed event
             pass
         finally:

@@ -39,6 +39,9 @@ class AppSession:
     # The config of the last Start/Resume, used to name the next preset down after an out-of-memory error.
     train_started_config: Any = None
 
+    def __post_init__(self) -> None:
+        self.runner.confine_to = self.workspace.root  # trains on exactly what the Dataset tab shows
+
     @cached_property
     def gpu(self) -> GpuInfo | None:
         return detect_gpu()
