@@ -137,11 +137,10 @@ class TrainingRunner:
 
     # ------------------------------------------------------------------ the thread
     def _run(self, config: TrainingConfig, resume_from, overwrite: bool) -> None:
-        from lora_gui.engine.train import train
-
         from contextlib import nullcontext
 
         from lora_gui.data.scan import confined_to
+        from lora_gui.engine.train import train
 
         try:
             with confined_to(self.confine_to) if self.confine_to is not None else nullcontext():
