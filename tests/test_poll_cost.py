@@ -127,7 +127,7 @@ def test_each_change_moves_only_its_groups_version(tmp_path):
     controls = train.controls_panel(session)
     states = {name: update["interactive"] for name, update in zip(train.BUTTONS, controls[4:-1], strict=True)}
     assert states == run_view.button_states("paused")
-    assert controls[-1].value == train.POLL_S  # the run is active: poll every second
+    assert controls[-1].value == train.POLL_S  # the run is active: poll at the active rate
 
 
 def test_plots_are_resent_at_most_every_few_seconds_while_training(tmp_path):

@@ -161,7 +161,7 @@ def refresh_checkpoints(session, config_tab, values: dict):
 
 # ----------------------------------------------------------------------------- polling
 
-POLL_S = 1.0  # timer interval while a run is active
+POLL_S = 1.0  # timer interval while a run is active (status, ETA; plots at most every PLOT_REFRESH_S)
 IDLE_POLL_S = 5.0  # otherwise: still notices a run started from another tab or browser
 
 
