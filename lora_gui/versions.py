@@ -21,7 +21,7 @@ REPORTED_LIBRARIES = (
 )
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 APP_LOCK = "requirements.lock"
-_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$")
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$")
 
 
 def installed_version(distribution: str) -> str | None:
@@ -125,13 +125,25 @@ def read_lock(path: Path) -> dict[str, str]:
 
     pins: dict[str, str] = {}
     for line in Path(path).read_text(encoding="utf-8").splitlines():
-        match = _PIN.match(line.strip())
+        match = PIN.match(line.strip())
         if not match:
             continue
         name, version, marker = match.groups()
         if marker and not Marker(marker).evaluate():
             continue
         pins[normalize(name)] = version
+    return pins
+
+
+def lock_pins(path: Path) -> dict[str, set[str]]:
+    """Every version a lock names per package, whatever the platform or Python (empty for no file)."""
+    pins: dict[str, set[str]] = {}
+    if not Path(path).exists():
+        return pins
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        match = PIN.match(line.strip())
+        if match and "never" not in (match.group(3) or ""):  # what only torch needs (see scripts/lock.py)
+            pins.setdefault(normalize(match.group(1)), set()).add(match.group(2))
     return pins
 
 

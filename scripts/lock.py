@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,12 +23,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from lora_gui.versions import lock_pins  # noqa: E402 (stdlib only; works before anything is installed)
+
 APP_LOCK, TEST_LOCK = "requirements.lock", "requirements-test.lock"
 UV_VERSION = "0.13.9"
 TOOLS = Path(os.environ.get("LORA_GUI_LOCK_TOOLS") or Path(tempfile.gettempdir()) / "lora-gui-lock-tools")
 # torch comes from launch.sh per machine; a requirement that is never true drops it (and what only it needs).
 TORCH_OVERRIDE = 'torch; sys_platform == "never"\n'
-PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,21 +88,8 @@ def compile_locks(uv: Path, work: Path, keep: bool) -> None:
     subprocess.run([*common, "--constraint", TEST_LOCK, "-o", APP_LOCK], check=True, cwd=work)
 
 
-def read_pins(path: Path) -> dict[str, set[str]]:
-    """Every version a lock names per package (several where versions differ by platform or Python)."""
-    pins: dict[str, set[str]] = {}
-    if not path.exists():
-        return pins
-    for line in path.read_text(encoding="utf-8").splitlines():
-        match = PIN.match(line.strip())
-        if match and "never" not in (match.group(3) or ""):
-            name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
-            pins.setdefault(name, set()).add(match.group(2))
-    return pins
-
-
 def report_drift(current_path: Path, candidate_path: Path) -> None:
-    current, candidate = read_pins(current_path), read_pins(candidate_path)
+    current, candidate = lock_pins(current_path), lock_pins(candidate_path)
     rows = []
     for name in sorted(set(current) | set(candidate)):
         old, new = ", ".join(sorted(current.get(name, ()))), ", ".join(sorted(candidate.get(name, ())))

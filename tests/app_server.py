@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -58,3 +59,13 @@ def wait_until_serving(url: str, process: subprocess.Popen, log_path: Path, time
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"The app did not start in {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
+
+
+def call(url: str, api: str, data: list) -> str:
+    """One call through /gradio_api/call; the event stream's whole text (result or error)."""
+    request = urllib.request.Request(f"{url}gradio_api/call/{api}", data=json.dumps({"data": data}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        event = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{api}/{event}", timeout=300) as response:
+        return response.read().decode()

@@ -12,21 +12,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from app_server import running_app
+from app_server import call, running_app
 
 pytestmark = pytest.mark.slow
 
 SECRET = "server-secret-7f3a"
-
-
-def call(url: str, api: str, data: list) -> str:
-    """One call through /gradio_api/call; returns the event stream's text (result or error)."""
-    request = urllib.request.Request(f"{url}gradio_api/call/{api}", data=json.dumps({"data": data}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        event = json.loads(response.read())["event_id"]
-    with urllib.request.urlopen(f"{url}gradio_api/call/{api}/{event}", timeout=120) as response:
-        return response.read().decode()
 
 
 def forged(path: Path) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from app_server import running_app
+from app_server import call, running_app
 from PIL import Image
 
 from lora_gui.cli_dataset import main as dataset_cli
@@ -85,16 +85,6 @@ def serving(build, **launch):
         yield url
     finally:
         demo.close()
-
-
-def call(url: str, api: str, data: list) -> str:
-    """One call through /gradio_api/call; the event stream's whole text (result or error)."""
-    request = urllib.request.Request(f"{url}gradio_api/call/{api}", data=json.dumps({"data": data}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=60) as response:
-        event = json.loads(response.read())["event_id"]
-    with urllib.request.urlopen(f"{url}gradio_api/call/{api}/{event}", timeout=300) as response:
-        return response.read().decode()
 
 
 def result(stream: str) -> list:

@@ -31,20 +31,11 @@ def project_requirements(extra: str | None = None) -> list[Requirement]:
     return [Requirement(text) for text in names]
 
 
-def every_pin(path: Path) -> dict[str, set[str]]:
-    pins: dict[str, set[str]] = {}
-    for line in path.read_text().splitlines():
-        match = versions._PIN.match(line.strip())
-        if match and "never" not in (match.group(3) or ""):
-            pins.setdefault(versions.normalize(match.group(1)), set()).add(match.group(2))
-    return pins
-
-
 @pytest.mark.parametrize(("lock", "extra"), [("requirements.lock", None), ("requirements-test.lock", "test")])
 def test_lock_pins_every_requirement_within_its_range(lock, extra):
     path = lock_path(lock)
     pins = versions.read_lock(path)
-    assert "torch" not in pins and "torch" not in every_pin(path), "torch is installed per machine, not locked"
+    assert "torch" not in pins and "torch" not in versions.lock_pins(path), "torch is installed per machine, not locked"
     for requirement in project_requirements(extra):
         name = versions.normalize(requirement.name)
         if name == "torch" or (requirement.marker and not requirement.marker.evaluate()):
@@ -57,13 +48,13 @@ def test_lock_pins_every_requirement_within_its_range(lock, extra):
 @pytest.mark.parametrize("lock", ["requirements.lock", "requirements-test.lock"])
 def test_every_pin_carries_hashes(lock):
     text = lock_path(lock).read_text()
-    pinned = [line for line in text.splitlines() if versions._PIN.match(line.strip())]
+    pinned = [line for line in text.splitlines() if versions.PIN.match(line.strip())]
     hashed = HASHED_PIN.findall(text)
     assert pinned and len(hashed) == len(pinned), "every pin needs its --hash lines (pip's --require-hashes)"
 
 
 def test_app_lock_agrees_with_the_test_lock():
-    app, test = every_pin(lock_path("requirements.lock")), every_pin(lock_path("requirements-test.lock"))
+    app, test = versions.lock_pins(lock_path("requirements.lock")), versions.lock_pins(lock_path("requirements-test.lock"))
     for name, pinned in app.items():
         assert test.get(name) == pinned, f"{name}: app lock {pinned}, test lock {test.get(name)}"
     assert set(test) - set(app) >= {"pytest", "playwright"}

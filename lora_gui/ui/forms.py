@@ -180,7 +180,7 @@ def absolute_paths(data: dict, workspace: Workspace) -> dict:
         section, name = key.split(".")
         value = data[section].get(name)
         if isinstance(value, str) and value.strip():
-            data[section][name] = str(_confined(key, value, workspace))
+            data[section][name] = str(confined_path(key, value, workspace))
     outputs = workspace.outputs.resolve()
     if not Path(output["dir"]).is_relative_to(outputs):
         raise ConfigError(f"output.dir: {output['dir']} is not inside {outputs}. Use a folder such as "
@@ -189,7 +189,7 @@ def absolute_paths(data: dict, workspace: Workspace) -> dict:
         section, name = key.split(".")
         value = data[section].get(name)
         if isinstance(value, str) and is_local_model(value, workspace):
-            data[section][name] = str(_confined(key, value, workspace))
+            data[section][name] = str(confined_path(key, value, workspace))
     data["model"]["merge_loras"] = [_confined_entry(entry, workspace) for entry in data["model"].get("merge_loras") or []]
     return data
 
@@ -201,7 +201,7 @@ def _confined_entry(entry: Any, workspace: Workspace) -> Any:
     if not isinstance(entry, str):
         return entry  # the schema refuses it with its own message
     parsed = parse_merge_entry(entry)
-    path = _confined("model.merge_loras", parsed.path, workspace)
+    path = confined_path("model.merge_loras", parsed.path, workspace)
     return str(path) if parsed.scale == 1.0 and parsed.path == entry.strip() else f"{path}:{parsed.scale:g}"
 
 
@@ -232,12 +232,8 @@ def _relative_entry(entry: Any, workspace: Workspace) -> Any:
     return path if parsed.path == entry.strip() else f"{path}:{parsed.scale:g}"
 
 
-def confined_model_path(key: str, value: str, workspace: Workspace) -> Path:
-    """A local model path from the form, made absolute; ConfigError when it leads out of the workspace."""
-    return _confined(key, value, workspace)
-
-
-def _confined(key: str, value: str, workspace: Workspace) -> Path:
+def confined_path(key: str, value: str, workspace: Workspace) -> Path:
+    """A form path made absolute; ConfigError (naming ``key``) when it leads out of the workspace."""
     try:
         return workspace.resolve(value)
     except (OutsideWorkspace, OSError, ValueError) as exc:

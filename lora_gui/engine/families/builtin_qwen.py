@@ -35,6 +35,17 @@ def chat_tokenizer(max_length: int = 512):
     return tokenizer
 
 
+def tiny_qwen3_config(tokenizer, layers: int, **extra):
+    """A 16-wide Qwen3 over ``tokenizer`` with its special-token ids."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **extra,
+    )
+
+
 def build_tiny_zimage(folder: Path, seed: int) -> None:
     import torch
     from diffusers import (
@@ -43,15 +54,11 @@ def build_tiny_zimage(folder: Path, seed: int) -> None:
         ZImagePipeline,
         ZImageTransformer2DModel,
     )
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Model
 
     torch.manual_seed(seed)
     tokenizer = chat_tokenizer()
-    text_encoder = Qwen3Model(Qwen3Config(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    ))
+    text_encoder = Qwen3Model(tiny_qwen3_config(tokenizer, layers=2))
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
         n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
@@ -81,15 +88,11 @@ def build_tiny_flux2_klein(folder: Path, seed: int) -> None:
         Flux2KleinPipeline,
         Flux2Transformer2DModel,
     )
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     tokenizer = chat_tokenizer()
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=2,
-        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
-    ))
+    text_encoder = Qwen3ForCausalLM(tiny_qwen3_config(tokenizer, layers=27, tie_word_embeddings=True))
     vae = AutoencoderKLFlux2(
         sample_size=64, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,

@@ -67,3 +67,16 @@ def unwrap(module: Any) -> Any:
 def fresh_scheduler(scheduler: Any) -> Any:
     """A copy, so sampling never changes the scheduler state the trainer holds."""
     return scheduler.__class__.from_config(scheduler.config)
+
+
+def flow_matching_objective(components: Components, train: Any, patch: int | None = 2) -> Any:
+    """Rectified flow with the config's timestep sampling; ``patch`` latent pixels per image token make
+    ``resolution_shift`` follow the pipeline (None: the family has no such shift)."""
+    from lora_gui.engine.objectives import FlowMatchingObjective, ResolutionShift
+
+    config = components.scheduler.config
+    return FlowMatchingObjective(
+        train.timestep_sampling, logit_mean=train.logit_mean, logit_std=train.logit_std, shift=train.flow_shift,
+        num_train_timesteps=config.num_train_timesteps,
+        resolution_shift=None if patch is None else ResolutionShift.from_scheduler_config(config, patch=patch),
+    )

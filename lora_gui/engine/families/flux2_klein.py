@@ -17,7 +17,12 @@ from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 
 from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.builtin import is_builtin
-from lora_gui.engine.families.common import fresh_scheduler, frozen_components, unwrap
+from lora_gui.engine.families.common import (
+    flow_matching_objective,
+    fresh_scheduler,
+    frozen_components,
+    unwrap,
+)
 from lora_gui.engine.families.loading import load_pipeline
 from lora_gui.engine.objectives import FlowMatchingObjective
 
@@ -107,10 +112,7 @@ class Flux2KleinFamily(ModelFamily):
         if train.timestep_sampling == "resolution_shift":
             raise ValueError("train.timestep_sampling: resolution_shift is not available for Flux.2 yet (its "
                              "pipeline's shift also depends on the step count); use uniform, logit_normal or shift.")
-        return FlowMatchingObjective(
-            train.timestep_sampling, logit_mean=train.logit_mean, logit_std=train.logit_std, shift=train.flow_shift,
-            num_train_timesteps=components.scheduler.config.num_train_timesteps,
-        )
+        return flow_matching_objective(components, train, patch=None)
 
     def predict(self, components: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 embeds: dict[str, torch.Tensor], conditioning: list[Conditioning], train: TrainSection) -> torch.Tensor:

@@ -17,9 +17,15 @@ from diffusers import ZImagePipeline, ZImageTransformer2DModel
 
 from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.builtin import is_builtin
-from lora_gui.engine.families.common import encode_vae_latents, fresh_scheduler, frozen_components, unwrap
+from lora_gui.engine.families.common import (
+    encode_vae_latents,
+    flow_matching_objective,
+    fresh_scheduler,
+    frozen_components,
+    unwrap,
+)
 from lora_gui.engine.families.loading import load_pipeline
-from lora_gui.engine.objectives import FlowMatchingObjective, ResolutionShift
+from lora_gui.engine.objectives import FlowMatchingObjective
 
 if TYPE_CHECKING:
     from lora_gui.config import ModelSection, TrainSection
@@ -96,11 +102,7 @@ class ZImageFamily(ModelFamily):
         return encode_vae_latents(components.vae, pixels).to(components.weight_dtype)
 
     def make_objective(self, components: Components, train: TrainSection) -> FlowMatchingObjective:
-        return FlowMatchingObjective(
-            train.timestep_sampling, logit_mean=train.logit_mean, logit_std=train.logit_std, shift=train.flow_shift,
-            num_train_timesteps=components.scheduler.config.num_train_timesteps,
-            resolution_shift=ResolutionShift.from_scheduler_config(components.scheduler.config, patch=2),
-        )
+        return flow_matching_objective(components, train, patch=2)
 
     def predict(self, components: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 embeds: dict[str, torch.Tensor], conditioning: list[Conditioning], train: TrainSection) -> torch.Tensor:

@@ -333,7 +333,7 @@ def detect_into(form: dict[str, Any], workspace: Workspace) -> str:
 
     base = str(form.get("model.base") or "")
     if forms.is_local_model(base, workspace):
-        base = str(forms.confined_model_path("model.base", base, workspace))
+        base = str(forms.confined_path("model.base", base, workspace))
     try:
         detection = detect_family(base)
     except ValueError as exc:
