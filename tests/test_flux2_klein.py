@@ -4,16 +4,14 @@ exact resume, detection, the single file without alpha keys, and a CLI run from 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import pytest
-from helpers import make_dataset, tiny_config
+from helpers import cli_train_from_a_copied_builtin, stop_resume_and_straight_loras
 
 torch = pytest.importorskip("torch")
 
 from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from lora_gui.config import build_config  # noqa: E402
 from lora_gui.engine.families.builtin import ensure_builtin  # noqa: E402
@@ -81,24 +79,11 @@ def test_loss_is_the_reference_recipes(loaded):
 
 
 def test_stop_then_resume_matches_a_straight_run_and_the_file_has_no_alpha(tmp_path):
-    from lora_gui.engine.train import train
-    from lora_gui.events import Controls, Progress
-
-    dataset = make_dataset(tmp_path / "images")
-    overrides = ["train.max_steps=4", "sample.every=0", "output.save_every=0", "lora.alpha=4"]
-    straight = train(tiny_config("flux2-klein", dataset, tmp_path / "straight", *overrides))
-    controls = Controls()
-    stopped = train(tiny_config("flux2-klein", dataset, tmp_path / "split", *overrides),
-                    lambda event: controls.stop() if isinstance(event, Progress) and event.step == 2 else None,
-                    controls)
-    assert stopped.status == "stopped" and stopped.step == 2
-    resumed = train(tiny_config("flux2-klein", dataset, tmp_path / "split", *overrides),
-                    resume_from=stopped.checkpoint)
-    expected, actual = load_file(straight.lora_path), load_file(resumed.lora_path)
+    expected, actual, lora_path = stop_resume_and_straight_loras("flux2-klein", tmp_path, "lora.alpha=4")
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
-    with safe_open(straight.lora_path, "pt") as handle:
+    with safe_open(lora_path, "pt") as handle:
         names = list(handle.keys())
     assert names and all(name.startswith("transformer.") for name in names)
     assert not any(name.endswith(".alpha") for name in names)  # Flux.2 loaders refuse alpha keys
@@ -115,13 +100,6 @@ def test_detected_from_a_folder_and_from_a_transformer_file(loaded, tmp_path):
 
 
 def test_cli_trains_from_a_local_folder_with_the_family_detected(tmp_path):
-    dataset = make_dataset(tmp_path / "images")
-    folder = tmp_path / "klein"
-    shutil.copytree(ensure_builtin("builtin:tiny-flux2-klein"), folder)
-    result = subprocess.run(
-        [sys.executable, "-m", "lora_gui", "train", "--preset", "flux2-klein-cpu-demo", "--set", "model.family=auto",
-         "--set", f"model.base={folder}", "--set", f"dataset.dir={dataset}", "--set", f"output.dir={tmp_path / 'out'}",
-         "--set", "train.max_steps=2", "--set", "sample.every=0"],
-        capture_output=True, text=True, timeout=300)
+    result = cli_train_from_a_copied_builtin("flux2-klein", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "model.family auto: Flux.2 Klein" in result.stderr

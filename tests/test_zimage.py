@@ -4,11 +4,9 @@ exact resume, detection, and a CLI run from a local folder."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import pytest
-from helpers import make_dataset, tiny_config
+from helpers import cli_train_from_a_copied_builtin, stop_resume_and_straight_loras
 
 torch = pytest.importorskip("torch")
 
@@ -74,21 +72,7 @@ def test_loss_is_the_reference_recipes(loaded):
 
 
 def test_stop_then_resume_matches_a_straight_run(tmp_path):
-    from safetensors.torch import load_file
-
-    from lora_gui.engine.train import train
-    from lora_gui.events import Controls, Progress
-
-    dataset = make_dataset(tmp_path / "images")
-    overrides = ["train.max_steps=4", "sample.every=0", "output.save_every=0"]
-    straight = train(tiny_config("zimage", dataset, tmp_path / "straight", *overrides))
-    controls = Controls()
-    stopped = train(tiny_config("zimage", dataset, tmp_path / "split", *overrides),
-                    lambda event: controls.stop() if isinstance(event, Progress) and event.step == 2 else None,
-                    controls)
-    assert stopped.status == "stopped" and stopped.step == 2
-    resumed = train(tiny_config("zimage", dataset, tmp_path / "split", *overrides), resume_from=stopped.checkpoint)
-    expected, actual = load_file(straight.lora_path), load_file(resumed.lora_path)
+    expected, actual, _ = stop_resume_and_straight_loras("zimage", tmp_path)
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
@@ -108,14 +92,7 @@ def test_detected_from_a_folder_and_from_a_transformer_file(loaded, tmp_path):
 
 
 def test_cli_trains_from_a_local_folder_with_the_family_detected(tmp_path):
-    dataset = make_dataset(tmp_path / "images")
-    folder = tmp_path / "z-image"
-    shutil.copytree(ensure_builtin("builtin:tiny-zimage"), folder)
-    result = subprocess.run(
-        [sys.executable, "-m", "lora_gui", "train", "--preset", "zimage-cpu-demo", "--set", "model.family=auto",
-         "--set", f"model.base={folder}", "--set", f"dataset.dir={dataset}", "--set", f"output.dir={tmp_path / 'out'}",
-         "--set", "train.max_steps=2", "--set", "sample.every=0"],
-        capture_output=True, text=True, timeout=300)
+    result = cli_train_from_a_copied_builtin("zimage", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "model.family auto: Z-Image" in result.stderr
     assert (tmp_path / "out" / "my-lora.safetensors").is_file()
