@@ -80,3 +80,10 @@ def flow_matching_objective(components: Components, train: Any, patch: int | Non
         num_train_timesteps=config.num_train_timesteps,
         resolution_shift=None if patch is None else ResolutionShift.from_scheduler_config(config, patch=patch),
     )
+
+
+def linear_layers(denoiser: Any, prefix: str, suffix: str) -> list[str]:
+    """Names of the Linear layers in ``denoiser`` starting with ``prefix`` and ending with ``suffix``: exact LoRA
+    targets where a name pattern alone would also hit a layer peft cannot adapt (a SiLU, a ModuleList)."""
+    return [name for name, module in unwrap(denoiser).named_modules()
+            if name.startswith(prefix) and name.endswith(suffix) and isinstance(module, torch.nn.Linear)]

@@ -21,6 +21,7 @@ from lora_gui.engine.families.common import (
     flow_matching_objective,
     fresh_scheduler,
     frozen_components,
+    linear_layers,
     unwrap,
 )
 from lora_gui.engine.families.loading import load_pipeline
@@ -80,9 +81,7 @@ class Flux2KleinFamily(ModelFamily):
         fitted = [target for target in targets if target != SINGLE_OUT]
         if denoiser is None:  # the single-stream outputs can only be named with the model at hand
             return fitted
-        return fitted + [name for name, module in unwrap(denoiser).named_modules()
-                         if name.startswith("single_transformer_blocks.") and name.endswith(".attn.to_out")
-                         and isinstance(module, torch.nn.Linear)]
+        return fitted + linear_layers(denoiser, "single_transformer_blocks.", ".attn.to_out")
 
     def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
         pipe, source = load_pipeline(model, Flux2KleinPipeline, dtype, emit, default_components=self.default_components,

@@ -22,6 +22,7 @@ from lora_gui.engine.families.common import (
     flow_matching_objective,
     fresh_scheduler,
     frozen_components,
+    linear_layers,
     unwrap,
 )
 from lora_gui.engine.families.loading import load_pipeline
@@ -75,9 +76,8 @@ class ZImageFamily(ModelFamily):
         targets = super().lora_targets(preset, denoiser)
         if denoiser is None or "adaLN_modulation.0" not in targets:
             return targets
-        linear = [name for name, module in unwrap(denoiser).named_modules()
-                  if name.endswith("adaLN_modulation.0") and isinstance(module, torch.nn.Linear)]
-        return [target for target in targets if target != "adaLN_modulation.0"] + linear
+        fitted = [target for target in targets if target != "adaLN_modulation.0"]
+        return fitted + linear_layers(denoiser, "", "adaLN_modulation.0")
 
     def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
         pipe, source = load_pipeline(model, ZImagePipeline, dtype, emit, default_components=self.default_components,
