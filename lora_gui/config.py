@@ -14,7 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-FAMILIES = ("sd15", "sdxl", "flux", "zimage", "flux2-klein")
+from lora_gui.engine.families.registry import family_names
+
+FAMILIES = family_names()
 # Keys users' files and scripts depend on: renaming one needs a migration.
 PUBLIC_KEYS = (
     "model.family", "model.base", "dataset.dir", "dataset.resolution", "lora.rank", "lora.alpha",
@@ -45,9 +47,8 @@ MAX_ECHOED_CHARS = 120
 
 
 class ModelSection(Section):
-    family: Literal["auto", "sd15", "sdxl", "flux", "zimage", "flux2-klein"] = Field(
-        "sd15", description="Model family: sd15 (Stable Diffusion 1.5), sdxl, flux (Flux.1 dev/schnell), zimage "
-                            "(Z-Image Base/Turbo) or flux2-klein (Flux.2 Klein 4B/9B); auto: "
+    family: Literal[("auto", *FAMILIES)] = Field(  # type: ignore[valid-type]
+        "sd15", description=f"Model family: {', '.join(FAMILIES)} (the README lists the models of each); auto: "
                             "told from the base (a folder's model_index.json, a single file's tensor names)."
     )
     base: str = Field(

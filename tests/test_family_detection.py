@@ -33,6 +33,9 @@ SINGLE_FILES = {
     "flux2-klein": ["img_in.weight", "txt_in.weight", "double_blocks.0.img_attn.qkv.weight",
                     "single_blocks.0.linear1.weight", "double_stream_modulation_img.lin.weight",
                     "double_stream_modulation_txt.lin.weight", "single_stream_modulation.lin.weight"],
+    "flux2-dev": ["img_in.weight", "txt_in.weight", "guidance_in.in_layer.weight", "double_blocks.0.img_attn.qkv.weight",
+                  "single_blocks.0.linear1.weight", "double_stream_modulation_img.lin.weight",
+                  "double_stream_modulation_txt.lin.weight", "single_stream_modulation.lin.weight"],
 }
 
 

@@ -119,3 +119,17 @@ def test_resolution_shift_is_the_flux_pipelines_shift(pixels):
     drawn = objective.sample_sigmas(64, torch.Generator().manual_seed(5), (latent_h, latent_w))
     plain = FlowMatchingObjective(sampling="logit_normal").sample_sigmas(64, torch.Generator().manual_seed(5))
     torch.testing.assert_close(drawn, scheduler.time_shift(mu, 1.0, plain))
+
+
+@pytest.mark.parametrize(("pixels", "steps"), [((512, 512), 50), ((1024, 1024), 50), ((1024, 1024), 28),
+                                               ((1536, 1536), 50)])
+def test_flux2_resolution_shift_is_the_flux2_pipelines_empirical_shift(pixels, steps):
+    """Flux.2's pipelines take mu from the image's token count and the step count (compute_empirical_mu); its
+    latents are patchified before packing, so every latent pixel is one token."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    from lora_gui.engine.objectives import EmpiricalFlux2Shift
+
+    latent_h, latent_w = pixels[0] // 16, pixels[1] // 16  # after the VAE's 8x and the 2x2 patchify
+    mu = compute_empirical_mu(image_seq_len=latent_h * latent_w, num_steps=steps)
+    assert EmpiricalFlux2Shift(steps=steps).shift(latent_h, latent_w) == pytest.approx(math.exp(mu))

@@ -13,7 +13,9 @@ from lora_gui.engine.train import train
 from lora_gui.events import CheckpointSaved, Controls, Failed, Finished, Progress, SamplesReady, Status
 
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline",
-             "zimage": "ZImagePipeline", "flux2-klein": "Flux2KleinPipeline"}
+             "zimage": "ZImagePipeline", "flux2-klein": "Flux2KleinPipeline", "flux2-dev": "Flux2Pipeline"}
+# The tiny models' caption length (the tiny Flux.2 dev's system prompt alone takes about 160 tokens).
+CAPTION_TOKENS = {"flux": 32, "zimage": 32, "flux2-klein": 32, "flux2-dev": 256}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def dataset(tmp_path_factory):
 
 
 def render(pipe, family: str, seed: int = 7) -> np.ndarray:
-    kwargs = {"max_sequence_length": 32} if family in ("flux", "zimage", "flux2-klein") else {}
+    kwargs = {"max_sequence_length": CAPTION_TOKENS[family]} if family in CAPTION_TOKENS else {}
     generator = torch.Generator("cpu").manual_seed(seed)
     image = pipe(prompt="sks, a red square", num_inference_steps=2, height=64, width=64, generator=generator,
                  output_type="np", **kwargs).images[0]
@@ -30,9 +32,16 @@ def render(pipe, family: str, seed: int = 7) -> np.ndarray:
 
 
 def load_pipeline(family: str, base_folder):
+    """The base as diffusers loads it; Flux.2 dev's processor (it needs torchvision) replaced by its tokenizer."""
     import diffusers
 
-    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(base_folder)
+    from lora_gui.engine.families.loading import text_only_tokenizer
+
+    if family == "flux2-dev":
+        pipe = diffusers.Flux2Pipeline.from_pretrained(base_folder, tokenizer=None)
+        pipe.tokenizer = text_only_tokenizer(base_folder / "tokenizer")
+    else:
+        pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(base_folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -48,6 +57,7 @@ def load_pipeline(family: str, base_folder):
         ("flux", "builtin:tiny-flux-schnell", ["train.timestep_sampling=logit_normal"]),
         ("zimage", "builtin:tiny-zimage", ["lora.targets=all"]),
         ("flux2-klein", "builtin:tiny-flux2-klein", ["lora.targets=all"]),
+        ("flux2-dev", "builtin:tiny-flux2-dev", ["lora.targets=all", "train.timestep_sampling=resolution_shift"]),
     ],
 )
 def test_family_trains_and_both_files_reload(family, base, extra, dataset, tmp_path):

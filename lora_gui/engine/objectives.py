@@ -117,6 +117,22 @@ class ResolutionShift:
         return math.exp(self.mu(self.image_seq_len(latent_height, latent_width)))
 
 
+@dataclass(frozen=True)
+class EmpiricalFlux2Shift(ResolutionShift):
+    """Flux.2's shift: the pipelines' empirical mu for the image's tokens at ``steps`` sampling steps.
+
+    Flux.2's latents are already patchified, so each latent pixel is one token (``patch`` 1).
+    """
+
+    patch: int = 1
+    steps: int = 50
+
+    def mu(self, image_seq_len: int) -> float:
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        return compute_empirical_mu(image_seq_len, self.steps)
+
+
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 

@@ -22,6 +22,7 @@ BUILTIN_MODELS = {
     "tiny-flux-schnell": "flux",
     "tiny-zimage": "zimage",
     "tiny-flux2-klein": "flux2-klein",
+    "tiny-flux2-dev": "flux2-dev",
 }
 # Bump when a builder changes so stale cached folders are rebuilt.
 BUILTIN_VERSION = 1
@@ -283,7 +284,14 @@ _BUILDERS = {
     "tiny-flux-schnell": lambda folder: _build_flux(folder, guidance_embeds=False),
     "tiny-zimage": lambda folder: _build_tiny_zimage(folder),
     "tiny-flux2-klein": lambda folder: _build_tiny_flux2_klein(folder),
+    "tiny-flux2-dev": lambda folder: _build_tiny_flux2_dev(folder),
 }
+
+
+def _build_tiny_flux2_dev(folder: Path) -> None:
+    from lora_gui.engine.families.builtin_flux2_dev import build_tiny_flux2_dev
+
+    build_tiny_flux2_dev(folder, SEED)
 
 
 def _build_tiny_flux2_klein(folder: Path) -> None:

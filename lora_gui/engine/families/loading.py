@@ -32,8 +32,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 # What a pipeline needs from a Hub repo: configs, tokenizers and safetensors weights in the
 # component folders. Root-level files (often a second copy as one big checkpoint) are skipped.
-WEIGHT_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
-CONFIG_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model"]
+WEIGHT_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.jinja", "*/*.safetensors"]
+CONFIG_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.jinja"]
 SKIPPED_PATTERNS = ["*.fp16*", "*.bf16*", "*non_ema*", "*.ema.*", "safety_checker/*"]
 
 
@@ -121,20 +121,23 @@ def load_pipeline(
     default_components: str,
     single_file_part: tuple[str, type] | None = None,
     source: ModelSource | None = None,
+    text_only_tokenizers: tuple[str, ...] = (),
     **overrides: Any,
 ) -> tuple[Any, str]:
     """Load ``model.base`` as ``pipeline_class``; returns the pipeline and where its weights came from.
 
     ``single_file_part`` = (attribute, model class) means a single file holds only that part
-    (Flux's transformer); the rest then comes from ``model.components``.
+    (Flux's transformer); the rest then comes from ``model.components``. ``text_only_tokenizers`` names
+    pipeline parts saved as multimodal processors that are loaded as their tokenizer alone.
     """
     source = source or resolve_source(model.base, model.cache_dir)
     emit(Status(f"Loading base model {model.base}"))
     if source.kind == "hub":
         folder = download_snapshot(source.location, model.revision, model.cache_dir, emit)
-        return _from_folder(pipeline_class, folder, dtype, overrides), str(folder)
+        return _with_text_tokenizers(pipeline_class, folder, dtype, overrides, text_only_tokenizers), str(folder)
     if source.kind == "folder":
-        return _from_folder(pipeline_class, Path(source.location), dtype, overrides), source.location
+        folder = Path(source.location)
+        return _with_text_tokenizers(pipeline_class, folder, dtype, overrides, text_only_tokenizers), source.location
     spec = model.components or default_components
     if single_file_part is None:
         with _explain_components(spec, "its configs and tokenizers"):
@@ -145,7 +148,52 @@ def load_pipeline(
     with _explain_components(spec, f"everything but the {name} (VAE, text encoders, configs)"):
         config = components_folder(spec, model.cache_dir, emit, WEIGHT_PATTERNS, skipped)
     part = _from_single_file(part_class, source.location, config, dtype, {"subfolder": name})
-    return _from_folder(pipeline_class, config, dtype, {**overrides, name: part}), source.location
+    pipe = _with_text_tokenizers(pipeline_class, config, dtype, {**overrides, name: part}, text_only_tokenizers)
+    return pipe, source.location
+
+
+def _with_text_tokenizers(pipeline_class: type, folder: Path, dtype: torch.dtype, overrides: dict,
+                          text_only_tokenizers: tuple[str, ...]) -> Any:
+    """The pipeline from ``folder``, with the named parts loaded as text-only tokenizers (diffusers would check
+    them against the processor class the folder names, so they are left out of its loading and set after)."""
+    tokenizers = {name: text_only_tokenizer(folder / name) for name in text_only_tokenizers}
+    pipe = _from_folder(pipeline_class, folder, dtype, {**dict.fromkeys(tokenizers), **overrides})
+    for name, tokenizer in tokenizers.items():
+        setattr(pipe, name, tokenizer)
+    return pipe
+
+
+def text_only_tokenizer(folder: Path) -> Any:
+    """The tokenizer of a processor folder without the processor, whose image side can need torchvision.
+
+    Text-only prompts go through the processor's chat template: it is read from the folder
+    (``chat_template.jinja``, ``chat_template.json`` or ``processor_config.json``) and set on the tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise ModelLoadError(f"Could not load the tokenizer in {folder}: {type(exc).__name__}: {exc}. Check that the "
+                             "model folder is complete (tokenizer.json and tokenizer_config.json).") from exc
+    template = processor_chat_template(folder)
+    if template:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def processor_chat_template(folder: Path) -> str | None:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    for name in ("chat_template.json", "processor_config.json"):
+        try:
+            template = json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(template, str) and template:
+            return template
+    return None
 
 
 def components_folder(spec: str, cache_dir: str | None, emit: Emit, allow: list[str], skip: list[str]) -> Path:

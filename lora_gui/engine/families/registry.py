@@ -17,6 +17,7 @@ FAMILIES: dict[str, str] = {
     "flux": "lora_gui.engine.families.flux:FluxFamily",
     "zimage": "lora_gui.engine.families.zimage:ZImageFamily",
     "flux2-klein": "lora_gui.engine.families.flux2_klein:Flux2KleinFamily",
+    "flux2-dev": "lora_gui.engine.families.flux2_dev:Flux2DevFamily",
 }
 
 
