@@ -60,7 +60,12 @@ def write_processor_files(folder: Path) -> None:
 
 
 def tiny_mistral3(tokenizer):
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralVisionConfig,
+    )
 
     text = MistralConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=TEXT_LAYERS, num_attention_heads=2,
@@ -76,7 +81,12 @@ def tiny_mistral3(tokenizer):
 
 def build_tiny_flux2_dev(folder: Path, seed: int) -> None:
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2Pipeline,
+        Flux2Transformer2DModel,
+    )
 
     torch.manual_seed(seed)
     tokenizer = mistral_tokenizer()
