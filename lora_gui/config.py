@@ -177,7 +177,7 @@ class OutputSection(Section):
 class SampleSection(Section):
     every: int = Field(250, ge=0, le=10_000_000, description="Render validation images every N steps (0: only at the end).")
     prompts: list[str] = Field(default_factory=lambda: ["a photo"], description="Validation prompts, one per line.")
-    negative_prompt: str = Field("", description="Negative prompt for SD1.5/SDXL validation images.")
+    negative_prompt: str = Field("", description="Negative prompt for validation images (SD1.5, SDXL; Qwen-Image, whose true CFG uses one when guidance > 1).")
     seed: int = Field(1234, ge=0, le=2**32 - 1, description="Seed for validation images (the same for every step).")
     steps: int = Field(20, ge=1, le=200, description="Denoising steps per validation image.")
     guidance_scale: float = Field(5.0, ge=0.0, le=50.0, description="Guidance scale for validation images.")

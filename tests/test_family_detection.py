@@ -36,6 +36,9 @@ SINGLE_FILES = {
     "flux2-dev": ["img_in.weight", "txt_in.weight", "guidance_in.in_layer.weight", "double_blocks.0.img_attn.qkv.weight",
                   "single_blocks.0.linear1.weight", "double_stream_modulation_img.lin.weight",
                   "double_stream_modulation_txt.lin.weight", "single_stream_modulation.lin.weight"],
+    "qwen-image": ["model.diffusion_model.img_in.weight", "model.diffusion_model.txt_in.weight",
+                   "model.diffusion_model.txt_norm.weight", "model.diffusion_model.transformer_blocks.0.img_mod.1.weight",
+                   "model.diffusion_model.transformer_blocks.0.attn.to_q.weight"],
 }
 
 

@@ -13,9 +13,10 @@ from lora_gui.engine.train import train
 from lora_gui.events import CheckpointSaved, Controls, Failed, Finished, Progress, SamplesReady, Status
 
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline",
-             "zimage": "ZImagePipeline", "flux2-klein": "Flux2KleinPipeline", "flux2-dev": "Flux2Pipeline"}
+             "zimage": "ZImagePipeline", "flux2-klein": "Flux2KleinPipeline", "flux2-dev": "Flux2Pipeline",
+             "qwen-image": "QwenImagePipeline"}
 # The tiny models' caption length (the tiny Flux.2 dev's system prompt alone takes about 160 tokens).
-CAPTION_TOKENS = {"flux": 32, "zimage": 32, "flux2-klein": 32, "flux2-dev": 256}
+CAPTION_TOKENS = {"flux": 32, "zimage": 32, "flux2-klein": 32, "flux2-dev": 256, "qwen-image": 64}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,7 @@ def load_pipeline(family: str, base_folder):
         ("zimage", "builtin:tiny-zimage", ["lora.targets=all"]),
         ("flux2-klein", "builtin:tiny-flux2-klein", ["lora.targets=all"]),
         ("flux2-dev", "builtin:tiny-flux2-dev", ["lora.targets=all", "train.timestep_sampling=resolution_shift"]),
+        ("qwen-image", "builtin:tiny-qwen-image", ["lora.targets=all", "train.timestep_sampling=resolution_shift"]),
     ],
 )
 def test_family_trains_and_both_files_reload(family, base, extra, dataset, tmp_path):

@@ -76,7 +76,7 @@ def pipeline_kwargs(family: ModelFamily, components: Components, pipeline, promp
         encoded = encode_sampling_prompt(family, components, pipeline, prompt, settings)
     embeds = {key: moved(value, device) for key, value in encoded.items()}
     return dict(
-        **embeds, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+        **embeds, num_inference_steps=settings.steps, **family.guidance_kwargs(settings.guidance_scale),
         width=settings.width, height=settings.height, generator=torch.Generator(device="cpu").manual_seed(seed),
         **family.sample_kwargs(components),
     )

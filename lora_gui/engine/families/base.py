@@ -121,6 +121,10 @@ class ModelFamily(ABC):
         """What to know when the loaded base is a distilled model (None when it is not)."""
         return None
 
+    def guidance_kwargs(self, guidance_scale: float) -> dict[str, Any]:
+        """How the family's pipeline takes the sampling guidance scale."""
+        return {"guidance_scale": guidance_scale}
+
     def sample_kwargs(self, components: Components) -> dict[str, Any]:
         """Extra keyword arguments the family's pipeline needs when sampling."""
         return {}

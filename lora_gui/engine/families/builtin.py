@@ -23,6 +23,7 @@ BUILTIN_MODELS = {
     "tiny-zimage": "zimage",
     "tiny-flux2-klein": "flux2-klein",
     "tiny-flux2-dev": "flux2-dev",
+    "tiny-qwen-image": "qwen-image",
 }
 # Bump when a builder changes so stale cached folders are rebuilt.
 BUILTIN_VERSION = 1
@@ -285,7 +286,14 @@ _BUILDERS = {
     "tiny-zimage": lambda folder: _build_tiny_zimage(folder),
     "tiny-flux2-klein": lambda folder: _build_tiny_flux2_klein(folder),
     "tiny-flux2-dev": lambda folder: _build_tiny_flux2_dev(folder),
+    "tiny-qwen-image": lambda folder: _build_tiny_qwen_image(folder),
 }
+
+
+def _build_tiny_qwen_image(folder: Path) -> None:
+    from lora_gui.engine.families.builtin_qwen_image import build_tiny_qwen_image
+
+    build_tiny_qwen_image(folder, SEED)
 
 
 def _build_tiny_flux2_dev(folder: Path) -> None:

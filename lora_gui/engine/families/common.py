@@ -13,6 +13,17 @@ if TYPE_CHECKING:
     from lora_gui.engine.families.base import ModelFamily
 
 
+# How single-file checkpoints prefix the denoiser's tensor names (ComfyUI, original releases).
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def without_checkpoint_prefix(name: str) -> str:
+    for prefix in CHECKPOINT_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
 def frozen_components(family: ModelFamily, pipe: Any, source: str, device: torch.device, dtype: torch.dtype,
                       **extra: Any) -> Components:
     """A loaded pipeline's parts, frozen and placed, under the names the family uses."""

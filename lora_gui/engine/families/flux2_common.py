@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from diffusers import Flux2Pipeline
 
-from lora_gui.engine.families.common import linear_layers, unwrap
+from lora_gui.engine.families.common import linear_layers, unwrap, without_checkpoint_prefix
 
 ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.to_qkv_mlp_proj"]
 # The single-stream blocks' output projection: a plain Linear named attn.to_out, while the dual-stream
@@ -27,18 +27,13 @@ TARGET_PRESETS = {
 }
 MODULATIONS = ("double_stream_modulation_img.", "single_stream_modulation.")
 GUIDANCE = ("guidance_in.", "time_guidance_embed.guidance_embedder.")
-SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # The sampling step count the resolution shift assumes (Flux.2's shift also depends on it): the pipelines' default.
 SHIFT_STEPS = 50
 
 
 def checkpoint_kind(tensor_names: Collection[str]) -> tuple[bool, bool]:
     """(is a Flux.2 transformer, has a guidance embedding) from a single file's tensor names."""
-    names = set()
-    for name in tensor_names:
-        for prefix in SINGLE_FILE_PREFIXES:
-            name = name.removeprefix(prefix)
-        names.add(name)
+    names = {without_checkpoint_prefix(name) for name in tensor_names}
     is_flux2 = all(any(name.startswith(prefix) for name in names) for prefix in MODULATIONS)
     return is_flux2, any(name.startswith(GUIDANCE) for name in names)
 

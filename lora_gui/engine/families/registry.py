@@ -18,6 +18,7 @@ FAMILIES: dict[str, str] = {
     "zimage": "lora_gui.engine.families.zimage:ZImageFamily",
     "flux2-klein": "lora_gui.engine.families.flux2_klein:Flux2KleinFamily",
     "flux2-dev": "lora_gui.engine.families.flux2_dev:Flux2DevFamily",
+    "qwen-image": "lora_gui.engine.families.qwen_image:QwenImageFamily",
 }
 
 

@@ -24,6 +24,7 @@ from lora_gui.engine.families.common import (
     frozen_components,
     linear_layers,
     unwrap,
+    without_checkpoint_prefix,
 )
 from lora_gui.engine.families.loading import load_pipeline
 from lora_gui.engine.objectives import FlowMatchingObjective
@@ -41,7 +42,6 @@ ZIMAGE_TARGET_PRESETS = {
 }
 CAPTION_TOKENS = 512  # what the pipeline reads at most
 BUILTIN_CAPTION_TOKENS = 32
-SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
 class ZImageFamily(ModelFamily):
@@ -63,7 +63,7 @@ class ZImageFamily(ModelFamily):
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:
-        names = {_without_prefix(name) for name in tensor_names}
+        names = {without_checkpoint_prefix(name) for name in tensor_names}
         return "cap_embedder.1.weight" in names and any(name.startswith("noise_refiner.") for name in names) and any(
             name.startswith("context_refiner.") for name in names)
 
@@ -146,9 +146,3 @@ class ZImageFamily(ModelFamily):
                 "wear its 8-step sampling down. Train on Z-Image (Base), or fuse a Turbo training adapter first "
                 "with model.merge_loras.")
 
-
-def _without_prefix(name: str) -> str:
-    for prefix in SINGLE_FILE_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
