@@ -150,13 +150,14 @@ class TrainSection(Section):
     min_snr_gamma: float = Field(0.0, ge=0.0, le=100.0, description="Min-SNR loss weighting gamma (0 disables; 5 is common).")
     noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="Noise offset for darker/brighter images (0.05 is common).")
     timestep_sampling: Literal["uniform", "logit_normal", "shift", "resolution_shift"] = Field(
-        "shift", description="Flux: how training timesteps are drawn (resolution_shift: shifted as the pipeline "
-                             "shifts them for each batch's image size; shift: by the fixed flow_shift)."
+        "shift", description="Flow-matching families (Flux, Z-Image, Flux.2, Qwen-Image): how training timesteps are "
+                             "drawn (resolution_shift: shifted as the family's pipeline shifts them for each batch's "
+                             "image size; shift: by the fixed flow_shift; uniform: as diffusers' recipes draw them)."
     )
-    logit_mean: float = Field(0.0, ge=-5.0, le=5.0, description="Flux: mean of the logit-normal timestep density.")
-    logit_std: float = Field(1.0, gt=0.0, le=5.0, description="Flux: standard deviation of the logit-normal density.")
-    flow_shift: float = Field(3.0, gt=0.0, le=100.0, description="Flux: shift applied with timestep_sampling=shift.")
-    guidance: float = Field(1.0, ge=0.0, le=100.0, description="Flux dev: guidance value fed to the model while training.")
+    logit_mean: float = Field(0.0, ge=-5.0, le=5.0, description="Flow matching: mean of the logit-normal timestep density.")
+    logit_std: float = Field(1.0, gt=0.0, le=5.0, description="Flow matching: standard deviation of the logit-normal density.")
+    flow_shift: float = Field(3.0, gt=0.0, le=100.0, description="Flow matching: shift applied with timestep_sampling=shift.")
+    guidance: float = Field(1.0, ge=0.0, le=100.0, description="Flux.1 dev and Flux.2 dev: guidance value fed to the model's guidance embedding while training.")
 
 
 class OutputSection(Section):

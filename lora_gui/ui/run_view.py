@@ -28,7 +28,7 @@ LOG_LINES = 200
 # times by Gradio for every browser it is sent to, so this bounds the cost of a plot refresh.
 PLOT_POINTS = 200
 # While a run trains, the plots are re-sent at most this often (the status line shows every step).
-PLOT_REFRESH_S = 5.0
+PLOT_REFRESH_S = 10.0
 SMOOTHING = 0.9
 # The panel groups a browser fetches separately, each when its version changes.
 GROUPS = ("plots", "gallery", "log", "controls")

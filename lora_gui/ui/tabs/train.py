@@ -275,10 +275,18 @@ def build(session, config_tab) -> None:
     poll_outputs = [status, memory, *triggers.values()]
     quiet = {"show_progress": "hidden", "queue": False}
     # The poll's and the plots' values are sent as they are: rendered once in the shared view exactly as
-    # the components would postprocess them, which saves Gradio a thread hop per output per browser.
-    timer.tick(lambda: poll(session), None, poll_outputs, api_name="train_poll", postprocess=False, **quiet)
-    triggers["plots"].change(lambda: plots_panel(session), None, [loss_plot, lr_plot], api_name="train_plots",
-                             postprocess=False, **quiet)
+    # the components would postprocess them, which saves Gradio a thread hop per output per browser. Both
+    # run on the event loop (async): they read the shared view, rendered at most once per change.
+
+    async def poll_now() -> list:
+        return poll(session)
+
+    async def plots_now() -> list:
+        return plots_panel(session)
+
+    timer.tick(poll_now, None, poll_outputs, api_name="train_poll", postprocess=False, **quiet)
+    triggers["plots"].change(plots_now, None, [loss_plot, lr_plot], api_name="train_plots", postprocess=False,
+                             **quiet)
     triggers["gallery"].change(lambda: gallery_panel(session), None, gallery, api_name="train_gallery", **quiet)
     triggers["log"].change(lambda: log_panel(session), None, log, api_name="train_log", **quiet)
     triggers["controls"].change(lambda: controls_panel(session), None,
