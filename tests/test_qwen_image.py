@@ -146,3 +146,33 @@ def test_cli_trains_from_a_local_folder_with_the_family_detected(tmp_path):
     result = cli_train_from_a_copied_builtin("qwen-image", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "model.family auto: Qwen-Image" in result.stderr
+
+
+@pytest.mark.parametrize(("prefix", "dtype"), [("", torch.bfloat16), ("", torch.float8_e4m3fn),
+                                               ("model.diffusion_model.", torch.bfloat16)])
+def test_a_single_transformer_file_loads_with_the_rest_from_components(loaded, tmp_path, prefix, dtype):
+    """The split files ComfyUI users have: the diffusion model alone (bf16, fp8_e4m3fn, or under ComfyUI's
+    prefix), with the text encoder and VAE from model.components."""
+    family, components, config = loaded
+    state = {name: tensor.contiguous() for name, tensor in components.denoiser.state_dict().items()}
+    path = tmp_path / "qwen_image.safetensors"
+    save_file({prefix + name: tensor.to(dtype) for name, tensor in state.items()}, str(path))
+    model = config.model.model_copy(update={"base": str(path), "components": str(ensure_builtin(config.model.base))})
+    from_file = family.load(model, torch.device("cpu"), torch.float32, lambda event: None)
+    loaded_state = from_file.denoiser.state_dict()
+    assert loaded_state.keys() == state.keys()
+    for name, tensor in state.items():
+        torch.testing.assert_close(loaded_state[name], tensor.to(dtype).float(), atol=0, rtol=0)
+
+
+def test_scaled_fp8_files_are_refused_with_what_to_use(loaded, tmp_path):
+    from lora_gui.engine.families.loading import ModelLoadError
+
+    family, components, config = loaded
+    state = {name: tensor.to(torch.float8_e4m3fn) for name, tensor in components.denoiser.state_dict().items()}
+    state["transformer_blocks.0.attn.to_q.scale_weight"] = torch.ones(1)
+    path = tmp_path / "qwen_image_fp8_scaled.safetensors"
+    save_file(state, str(path))
+    model = config.model.model_copy(update={"base": str(path), "components": str(ensure_builtin(config.model.base))})
+    with pytest.raises(ModelLoadError, match="fp8_scaled.*bf16 or plain fp8_e4m3fn"):
+        family.load(model, torch.device("cpu"), torch.float32, lambda event: None)

@@ -122,13 +122,15 @@ def load_pipeline(
     single_file_part: tuple[str, type] | None = None,
     source: ModelSource | None = None,
     text_only_tokenizers: tuple[str, ...] = (),
+    strip_prefix: str | None = None,
     **overrides: Any,
 ) -> tuple[Any, str]:
     """Load ``model.base`` as ``pipeline_class``; returns the pipeline and where its weights came from.
 
     ``single_file_part`` = (attribute, model class) means a single file holds only that part
     (Flux's transformer); the rest then comes from ``model.components``. ``text_only_tokenizers`` names
-    pipeline parts saved as multimodal processors that are loaded as their tokenizer alone.
+    pipeline parts saved as multimodal processors that are loaded as their tokenizer alone;
+    ``strip_prefix`` a prefix single files may carry that the part's loader does not remove.
     """
     source = source or resolve_source(model.base, model.cache_dir)
     emit(Status(f"Loading base model {model.base}"))
@@ -147,7 +149,7 @@ def load_pipeline(
     skipped = [*SKIPPED_PATTERNS, f"{name}/*.safetensors"]
     with _explain_components(spec, f"everything but the {name} (VAE, text encoders, configs)"):
         config = components_folder(spec, model.cache_dir, emit, WEIGHT_PATTERNS, skipped)
-    part = _from_single_file(part_class, source.location, config, dtype, {"subfolder": name})
+    part = _from_single_file(part_class, source.location, config, dtype, {"subfolder": name}, strip_prefix)
     pipe = _with_text_tokenizers(pipeline_class, config, dtype, {**overrides, name: part}, text_only_tokenizers)
     return pipe, source.location
 
@@ -236,9 +238,19 @@ def _from_folder(pipeline_class: type, folder: Path, dtype: torch.dtype, overrid
         ) from exc
 
 
-def _from_single_file(model_class: type, path: str, config: Path, dtype: torch.dtype, overrides: dict) -> Any:
+def _from_single_file(model_class: type, path: str, config: Path, dtype: torch.dtype, overrides: dict,
+                      strip_prefix: str | None = None) -> Any:
+    """``strip_prefix``: a prefix the file's names may carry that the model class's loader does not remove
+    (ComfyUI's ``model.diffusion_model.``); such a file is read and passed with the prefix removed."""
+    names = _tensor_names(path)
+    refuse_scaled_fp8(path, names)
+    source: Any = path
+    if strip_prefix and names and all(name.startswith(strip_prefix) for name in names):
+        from safetensors.torch import load_file
+
+        source = {name[len(strip_prefix):]: tensor for name, tensor in load_file(path).items()}
     try:
-        return model_class.from_single_file(path, config=str(config), local_files_only=True, **_dtype_kwarg(dtype),
+        return model_class.from_single_file(source, config=str(config), local_files_only=True, **_dtype_kwarg(dtype),
                                             **overrides)
     except MemoryError:
         raise
@@ -248,6 +260,25 @@ def _from_single_file(model_class: type, path: str, config: Path, dtype: torch.d
             f"model.family matches the checkpoint and that model.components ({config}) is the same kind of model "
             "(its configs, VAE and text encoders are used with the file)."
         ) from exc
+
+
+def _tensor_names(path: str) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as handle:
+            return list(handle.keys())
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}). Download it "
+                             "again or check that it is complete.") from exc
+
+
+def refuse_scaled_fp8(path: str, names: list[str]) -> None:
+    """ComfyUI's "fp8_scaled" files store each weight divided by a scale kept beside it; read as plain fp8 the
+    weights would be wrong, so they are refused until they are supported."""
+    if any(name.endswith((".scale_weight", ".weight_scale")) for name in names):
+        raise ModelLoadError(f"{path} is an fp8_scaled checkpoint (its weights are stored with separate scales), "
+                             "which lora-gui cannot read yet. Use the model's bf16 or plain fp8_e4m3fn file instead.")
 
 
 def _check_pipeline_class(folder: Path, pipeline_class: type) -> None:

@@ -84,7 +84,8 @@ class QwenImageFamily(ModelFamily):
 
     def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
         pipe, source = load_pipeline(model, QwenImagePipeline, dtype, emit, default_components=self.default_components,
-                                     single_file_part=("transformer", QwenImageTransformer2DModel))
+                                     single_file_part=("transformer", QwenImageTransformer2DModel),
+                                     strip_prefix="model.diffusion_model.")
         tokens = BUILTIN_CAPTION_TOKENS if is_builtin(model.base) else CAPTION_TOKENS
         return frozen_components(self, pipe, source, device, dtype, max_sequence_length=tokens,
                                  template=pipe.prompt_template_encode,
