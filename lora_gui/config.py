@@ -66,6 +66,11 @@ class ModelSection(Section):
     quantize: Literal["none", "int8", "int4", "fp8", "nf4"] = Field(
         "none", description="Quantize the frozen denoiser to save memory: int8/int4/fp8 (optimum-quanto) or nf4 (bitsandbytes, best on CUDA)."
     )
+    quantize_text_encoders: Literal["none", "int8", "nf4"] = Field(
+        "none", description="Quantize the frozen text encoders, which only encode the captions once (and the "
+                            "validation prompts): int8 (optimum-quanto) or nf4 (bitsandbytes); saves memory on small "
+                            "cards, the embeddings change slightly. Not with lora.train_text_encoder."
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Where to train: auto picks CUDA, then Apple MPS, then CPU."
     )

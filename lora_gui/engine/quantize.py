@@ -1,4 +1,4 @@
-"""Weight-only quantization of the frozen denoiser: saves memory, not compute.
+"""Weight-only quantization of the frozen denoiser and text encoders: saves memory, not compute.
 
 int8 / int4 / fp8 use optimum-quanto; nf4 swaps Linear layers for bitsandbytes' Linear4bit.
 LoRA adapters train in full precision on top and load into the unquantized model afterwards.
@@ -22,31 +22,46 @@ def quantize_denoiser(denoiser: torch.nn.Module, mode: str, device: torch.device
     return _quanto(denoiser, mode)
 
 
-def _quanto(denoiser: torch.nn.Module, mode: str) -> int:
+# A causal language model's output head: unused for hidden states, and large.
+TEXT_ENCODER_FULL_PRECISION = ("lm_head",)
+
+
+def quantize_text_encoder(encoder: torch.nn.Module, mode: str, device: torch.device) -> int:
+    """Quantize a frozen text encoder's Linear layers in place (int8 with optimum-quanto, or nf4)."""
+    if mode == "none":
+        return 0
+    if mode == "nf4":
+        return _to_nf4(encoder, device, keep=TEXT_ENCODER_FULL_PRECISION, option="model.quantize_text_encoders")
+    return _quanto(encoder, mode, keep=TEXT_ENCODER_FULL_PRECISION, option="model.quantize_text_encoders")
+
+
+def _quanto(denoiser: torch.nn.Module, mode: str, keep: tuple[str, ...] = KEEP_FULL_PRECISION,
+            option: str = "model.quantize") -> int:
     try:
         from optimum.quanto import freeze, qfloat8, qint4, qint8, quantize
     except ImportError as exc:
         raise ValueError(
-            f"model.quantize = {mode!r} needs optimum-quanto: run `pip install optimum-quanto`, "
-            "or set model.quantize = 'none'."
+            f"{option} = {mode!r} needs optimum-quanto: run `pip install optimum-quanto`, "
+            f"or set {option} = 'none'."
         ) from exc
     weights = {"int8": qint8, "int4": qint4, "fp8": qfloat8}[mode]
-    exclude = [f"*{name}*" for name in KEEP_FULL_PRECISION]
+    exclude = [f"*{name}*" for name in keep]
     quantize(denoiser, weights=weights, exclude=exclude)
     freeze(denoiser)
     return sum(1 for m in denoiser.modules() if type(m).__name__ == "QLinear")
 
 
-def _to_nf4(denoiser: torch.nn.Module, device: torch.device) -> int:
+def _to_nf4(denoiser: torch.nn.Module, device: torch.device, keep: tuple[str, ...] = KEEP_FULL_PRECISION,
+            option: str = "model.quantize") -> int:
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
-        raise ValueError("model.quantize = 'nf4' needs bitsandbytes: `pip install bitsandbytes`.") from exc
+        raise ValueError(f"{option} = 'nf4' needs bitsandbytes: `pip install bitsandbytes`.") from exc
     count = 0
     for parent_name, parent in list(denoiser.named_modules()):
         for child_name, child in list(parent.named_children()):
             full_name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is not torch.nn.Linear or any(k in full_name for k in KEEP_FULL_PRECISION):
+            if type(child) is not torch.nn.Linear or any(k in full_name for k in keep):
                 continue
             setattr(parent, child_name, _nf4_linear(bnb, child, device))
             count += 1

@@ -32,7 +32,7 @@ from lora_gui.engine.merge import merge_loras
 from lora_gui.engine.metrics import MetricsLog
 from lora_gui.engine.optim import build_lr_scheduler, build_optimizer, current_lr
 from lora_gui.engine.outputs import OutputLock, hold_output_folder, start_fresh
-from lora_gui.engine.quantize import quantize_denoiser
+from lora_gui.engine.quantize import quantize_denoiser, quantize_text_encoder
 from lora_gui.engine.sampling import SampleSettings, encode_sampling_prompts, render, save_images
 from lora_gui.events import (
     CheckpointSaved,
@@ -213,6 +213,19 @@ class TrainingRun:
         if mode != "none":
             count = quantize_denoiser(self.components.denoiser, mode, torch.device("cpu"))
             self.status(f"Quantized {count} layers of the {self.family.denoiser_key} to {mode}")
+        self.quantize_text_encoders()
+
+    def quantize_text_encoders(self) -> None:
+        mode = self.config.model.quantize_text_encoders
+        if mode == "none":
+            return
+        if self.config.lora.train_text_encoder:
+            raise TrainingError("model.quantize_text_encoders cannot be used with lora.train_text_encoder.",
+                                "Set model.quantize_text_encoders = 'none' to train the text encoder, or turn "
+                                "lora.train_text_encoder off.")
+        count = sum(quantize_text_encoder(encoder, mode, torch.device("cpu"))
+                    for encoder in self.components.text_encoders)
+        self.status(f"Quantized {count} layers of the text encoder(s) to {mode}")
 
     def cache_dir(self) -> Path:
         return Path(self.config.dataset.cache_dir or self.output_dir / "cache")
@@ -220,7 +233,9 @@ class TrainingRun:
     def model_key(self) -> str:
         model = self.config.model
         merged = f"|merged {model.merge_loras}" if model.merge_loras else ""
-        return f"{model.family}|{model.base}|{model.revision}|{self.components.source}|{self.components.vae.dtype}{merged}"
+        quantized = f"|text encoders {model.quantize_text_encoders}" if model.quantize_text_encoders != "none" else ""
+        return (f"{model.family}|{model.base}|{model.revision}|{self.components.source}|{self.components.vae.dtype}"
+                f"{merged}{quantized}")
 
     def fill_caches(self) -> None:
         """Encode images and captions once; the VAE and text encoders then leave the accelerator and the
