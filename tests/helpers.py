@@ -85,3 +85,52 @@ def cli_train_from_a_copied_builtin(family: str, tmp_path: Path):
          "--set", f"model.base={folder}", "--set", f"dataset.dir={dataset}", "--set", f"output.dir={tmp_path / 'out'}",
          "--set", "train.max_steps=2", "--set", "sample.every=0"],
         capture_output=True, text=True, timeout=300)
+
+
+def flux2_original_layout(state: dict) -> dict:
+    """A Flux.2 transformer's weights as Black Forest Labs' release names them (fused q/k/v, ``*.scale`` norms,
+    ``final_layer`` with shift and scale swapped): the inverse of diffusers' single-file conversion."""
+    import torch
+
+    renames = [("x_embedder.", "img_in."), ("context_embedder.", "txt_in."),
+               ("time_guidance_embed.timestep_embedder.linear_1.", "time_in.in_layer."),
+               ("time_guidance_embed.timestep_embedder.linear_2.", "time_in.out_layer."),
+               ("time_guidance_embed.guidance_embedder.linear_1.", "guidance_in.in_layer."),
+               ("time_guidance_embed.guidance_embedder.linear_2.", "guidance_in.out_layer."),
+               ("_modulation_img.linear.", "_modulation_img.lin."), ("_modulation_txt.linear.", "_modulation_txt.lin."),
+               ("single_stream_modulation.linear.", "single_stream_modulation.lin."), ("proj_out.", "final_layer.linear.")]
+    double = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+              "attn.to_out.0": "img_attn.proj", "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+              "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+              "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale", "attn.to_add_out": "txt_attn.proj",
+              "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}
+    single = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2", "attn.norm_q.weight": "norm.query_norm.scale",
+              "attn.norm_k.weight": "norm.key_norm.scale"}
+    fused = {"attn.to_q": ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+             "attn.add_q_proj": ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))}
+    original = {}
+    for name, tensor in state.items():
+        block, _, rest = name.partition(".")
+        if block in ("transformer_blocks", "single_transformer_blocks"):
+            index, _, inner = rest.partition(".")
+            module, _, param = inner.rpartition(".")
+            target = "double_blocks" if block == "transformer_blocks" else "single_blocks"
+            if block == "transformer_blocks" and module in fused:
+                bfl, parts = fused[module]
+                original[f"{target}.{index}.{bfl}.{param}"] = torch.cat(
+                    [state[f"{block}.{index}.{part}.{param}"] for part in parts])
+                continue
+            if module.endswith(("to_k", "to_v", "add_k_proj", "add_v_proj")) and block == "transformer_blocks":
+                continue
+            table = double if block == "transformer_blocks" else single
+            mapped = table.get(inner) or f"{table[module]}.{param}"
+            original[f"{target}.{index}.{mapped}"] = tensor
+            continue
+        if name.startswith("norm_out.linear."):
+            shift, scale = tensor.chunk(2, dim=0)  # diffusers keeps (scale, shift); the release (shift, scale)
+            original[name.replace("norm_out.linear.", "final_layer.adaLN_modulation.1.")] = torch.cat([scale, shift])
+            continue
+        for old, new in renames:
+            name = name.replace(old, new)
+        original[name] = tensor
+    return original

@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from helpers import cli_train_from_a_copied_builtin, stop_resume_and_straight_loras
+from helpers import cli_train_from_a_copied_builtin, flux2_original_layout, stop_resume_and_straight_loras
 
 torch = pytest.importorskip("torch")
 
@@ -118,3 +118,21 @@ def test_cli_trains_from_a_local_folder_with_the_family_detected(tmp_path):
     result = cli_train_from_a_copied_builtin("flux2-dev", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "model.family auto: Flux.2 dev" in result.stderr
+
+
+@pytest.mark.parametrize(("prefix", "dtype"), [("", torch.bfloat16), ("", torch.float8_e4m3fn),
+                                               ("model.diffusion_model.", torch.bfloat16)])
+def test_a_single_transformer_file_in_the_original_layout_loads(loaded, tmp_path, prefix, dtype):
+    """The file ComfyUI users have (the diffusion model alone in Black Forest Labs' names, bf16 or fp8_e4m3fn,
+    bare or under ComfyUI's prefix), with the text encoder and VAE from model.components."""
+    family, components, _ = loaded
+    state = {name: tensor.contiguous() for name, tensor in components.denoiser.state_dict().items()}
+    path = tmp_path / "flux2.safetensors"
+    save_file({prefix + name: tensor.to(dtype) for name, tensor in flux2_original_layout(state).items()}, str(path))
+    assert detect_family(str(path)).family == "flux2-dev"
+    config = build_config(preset="flux2-dev-cpu-demo")
+    model = config.model.model_copy(update={"base": str(path), "components": str(ensure_builtin(config.model.base))})
+    loaded_state = family.load(model, torch.device("cpu"), torch.float32, lambda event: None).denoiser.state_dict()
+    assert loaded_state.keys() == state.keys()
+    for name, tensor in state.items():
+        torch.testing.assert_close(loaded_state[name], tensor.to(dtype).float(), atol=0, rtol=0)

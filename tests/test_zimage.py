@@ -96,3 +96,41 @@ def test_cli_trains_from_a_local_folder_with_the_family_detected(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "model.family auto: Z-Image" in result.stderr
     assert (tmp_path / "out" / "my-lora.safetensors").is_file()
+
+
+def original_layout(state: dict) -> dict:
+    """The transformer's weights as the original Z-Image release names them (fused q/k/v, ``out``, ``q_norm``):
+    the inverse of diffusers' single-file conversion."""
+    renames = {"all_final_layer.2-1.": "final_layer.", "all_x_embedder.2-1.": "x_embedder.",
+               ".attention.to_out.0.": ".attention.out.", ".attention.norm_k.": ".attention.k_norm.",
+               ".attention.norm_q.": ".attention.q_norm."}
+    original = {}
+    for name, tensor in state.items():
+        if ".attention.to_k." in name or ".attention.to_v." in name:
+            continue
+        if ".attention.to_q.weight" in name:
+            parts = [state[name.replace("to_q", part)] for part in ("to_q", "to_k", "to_v")]
+            original[name.replace("to_q", "qkv")] = torch.cat(parts, dim=0)
+            continue
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        original[name] = tensor
+    return original
+
+
+@pytest.mark.parametrize(("prefix", "dtype"), [("", torch.bfloat16), ("model.diffusion_model.", torch.bfloat16),
+                                               ("model.diffusion_model.", torch.float8_e4m3fn)])
+def test_a_single_transformer_file_in_the_original_layout_loads(loaded, tmp_path, prefix, dtype):
+    """The file ComfyUI users have (the diffusion model alone, original names, bf16 or fp8_e4m3fn), with the
+    text encoder and VAE from model.components."""
+    family, components = loaded
+    state = {name: tensor.contiguous() for name, tensor in components.denoiser.state_dict().items()}
+    path = tmp_path / "z_image.safetensors"
+    save_file({prefix + name: tensor.to(dtype) for name, tensor in original_layout(state).items()}, str(path))
+    assert detect_family(str(path)).family == "zimage"
+    config = build_config(preset="zimage-cpu-demo")
+    model = config.model.model_copy(update={"base": str(path), "components": str(ensure_builtin(config.model.base))})
+    loaded_state = family.load(model, torch.device("cpu"), torch.float32, lambda event: None).denoiser.state_dict()
+    assert loaded_state.keys() == state.keys()
+    for name, tensor in state.items():
+        torch.testing.assert_close(loaded_state[name], tensor.to(dtype).float(), atol=0, rtol=0)

@@ -61,7 +61,8 @@ class Flux2KleinFamily(ModelFamily):
 
     def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
         pipe, source = load_pipeline(model, Flux2KleinPipeline, dtype, emit, default_components=self.default_components,
-                                     single_file_part=("transformer", Flux2Transformer2DModel))
+                                     single_file_part=("transformer", Flux2Transformer2DModel),
+                                     strip_prefix="model.diffusion_model.")
         tokens = BUILTIN_CAPTION_TOKENS if is_builtin(model.base) else CAPTION_TOKENS
         return frozen_components(self, pipe, source, device, dtype, max_sequence_length=tokens,
                                  is_distilled=bool(pipe.config.get("is_distilled", False)))
