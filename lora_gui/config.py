@@ -107,7 +107,7 @@ class DatasetSection(Section):
     cache_latents: bool = Field(True, description="Encode images once and keep the latents on disk.")
     cache_text: bool = Field(True, description="Encode captions once and keep the embeddings on disk.")
     cache_dir: str | None = Field(None, description="Where latent and text caches live (default: <output.dir>/cache).")
-    num_workers: int = Field(0, ge=0, le=32, description="Background workers loading training batches.")
+    num_workers: int = Field(0, ge=0, le=32, description="Background threads loading the next training batches while a step runs (0: each batch is loaded when it is needed).")
 
 
 class LoraSection(Section):

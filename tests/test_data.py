@@ -296,12 +296,23 @@ def test_bucketing_off_gives_square_crops(tmp_path: Path):
     assert data.load_batch([1], 0).pixels.shape == (1, 3, 64, 64)
 
 
-def test_iter_epoch_with_workers_matches_load_batch(tmp_path: Path):
-    data = TrainingData(section(tagged_dataset(tmp_path, 6), num_workers=2), batch_size=2, seed=3)
-    loaded = list(data.iter_epoch(1, start=1))
-    expected = data.batches_for_epoch(1)[1:]
-    assert [batch.indices for batch in loaded] == expected
-    assert torch.equal(loaded[0].pixels, data.load_batch(expected[0], 1).pixels)
+def test_prefetched_batches_are_the_cursors_across_epochs(tmp_path: Path):
+    """dataset.num_workers threads load ahead; what the loop gets is exactly what it would load itself, in order,
+    across an epoch boundary and from a resumed position."""
+    from lora_gui.engine.train import BatchPrefetcher, DataCursor
+
+    data = TrainingData(section(tagged_dataset(tmp_path, 6), num_workers=2, shuffle_tags=True), batch_size=2, seed=3)
+    sequential = DataCursor(data, epoch=1, batch_index=1)
+    prefetcher = BatchPrefetcher(data, DataCursor(data, epoch=1, batch_index=1), workers=2)
+    try:
+        for _ in range(7):  # 3 batches per epoch: crosses two epoch boundaries
+            indices, epoch = sequential.next()
+            expected, batch = data.load_batch(indices, epoch), prefetcher.next()
+            assert batch.indices == expected.indices and batch.captions == expected.captions
+            assert torch.equal(batch.pixels, expected.pixels)
+        assert (prefetcher.cursor.epoch, prefetcher.cursor.batch_index) == (sequential.epoch, sequential.batch_index)
+    finally:
+        prefetcher.close()
 
 
 # ----------------------------------------------------------------------------- caches

@@ -226,3 +226,17 @@ def test_training_uses_exactly_the_files_the_doctor_passes(tmp_path):
     skipped = [line for line in lines if line.startswith("Skipped")]
     assert len(skipped) == 2 and any("broken.png" in s for s in skipped) and any("empty.jpg" in s for s in skipped)
     assert any(line.startswith(f"{len(usable)} images") for line in lines)
+
+
+@pytest.mark.slow
+def test_batches_loaded_ahead_train_the_same_lora(dataset, tmp_path):
+    """dataset.num_workers threads load the next batches while a step runs: same LoRA as loading each batch when
+    needed, with accumulation, uncached latents, tag shuffling and caption dropout in play."""
+    overrides = ["train.max_steps=4", "train.gradient_accumulation=2", "dataset.cache_latents=false",
+                 "dataset.shuffle_tags=true", "dataset.caption_dropout=0.3"]
+    inline = train(tiny_config("sd15", dataset, tmp_path / "inline", "dataset.num_workers=0", *overrides))
+    ahead = train(tiny_config("sd15", dataset, tmp_path / "ahead", "dataset.num_workers=2", *overrides))
+    expected, actual = lora_tensors(inline.lora_path), lora_tensors(ahead.lora_path)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter, deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,24 +168,6 @@ class TrainingData:
             entries = [cache.load(caches.text_key(caption, model_key)) for caption in batch.captions]
             batch.embeds = caches.collate_embeds(entries)
         return batch
-
-    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        """Batches of ``epoch`` from batch number ``start`` on, loaded ahead by ``num_workers`` threads."""
-        plan = self.batches_for_epoch(epoch)[start:]
-        workers = self.section.num_workers
-        if workers == 0:
-            for indices in plan:
-                yield self.load_batch(indices, epoch)
-            return
-        with ThreadPoolExecutor(workers) as pool:
-            pending = deque(pool.submit(self.load_batch, indices, epoch) for indices in plan[: workers * 2])
-            upcoming = iter(plan[workers * 2 :])
-            while pending:
-                batch = pending.popleft().result()
-                following = next(upcoming, None)
-                if following is not None:
-                    pending.append(pool.submit(self.load_batch, following, epoch))
-                yield batch
 
     # ------------------------------------------------------------------ caches
 

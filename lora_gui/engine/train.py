@@ -8,7 +8,10 @@ asked, then step until done, checking the controls at every step boundary.
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +107,50 @@ class DataCursor:
         indices = self._batches[self.batch_index]
         self.batch_index += 1
         return indices, self.epoch
+
+    def upcoming(self, count: int) -> list[tuple[list[int], int]]:
+        """The next ``count`` positions ``next()`` will return, without moving."""
+        epoch, index, batches, positions = self.epoch, self.batch_index, self._batches, []
+        while len(positions) < count:
+            if index >= len(batches):
+                epoch, index = epoch + 1, 0
+                batches = self.data.batches_for_epoch(epoch)
+                if not batches:
+                    break
+            positions.append((batches[index], epoch))
+            index += 1
+        return positions
+
+
+class BatchPrefetcher:
+    """The cursor's batches, loaded ``workers`` at a time on background threads while a step runs
+    (``dataset.num_workers``; 0 loads each batch when it is needed). Loading a batch is a pure function of
+    its position, so prefetching changes nothing but the time it takes."""
+
+    def __init__(self, data, cursor: DataCursor, workers: int) -> None:
+        self.data, self.cursor, self.workers = data, cursor, workers
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="lora-gui-batches") if workers else None
+        self.pending: deque[tuple[tuple, Future]] = deque()
+
+    def next(self):
+        indices, epoch = self.cursor.next()
+        if self.pool is None:
+            return self.data.load_batch(indices, epoch)
+        wanted = (tuple(indices), epoch)
+        while self.pending and self.pending[0][0] != wanted:
+            self.pending.popleft()[1].cancel()
+        future = self.pending.popleft()[1] if self.pending else self.pool.submit(self.data.load_batch, indices, epoch)
+        queued = {key for key, _ in self.pending}
+        for ahead_indices, ahead_epoch in self.cursor.upcoming(self.workers * 2):
+            key = (tuple(ahead_indices), ahead_epoch)
+            if key not in queued:
+                self.pending.append((key, self.pool.submit(self.data.load_batch, ahead_indices, ahead_epoch)))
+                queued.add(key)
+        return future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class TrainingRun:
@@ -393,6 +440,13 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ the loop
     def loop(self) -> TrainResult:
+        self.batches = BatchPrefetcher(self.data, self.cursor, self.config.dataset.num_workers)
+        try:
+            return self.run_steps()
+        finally:
+            self.batches.close()
+
+    def run_steps(self) -> TrainResult:
         train, output = self.config.train, self.config.output
         self.status(f"Training {self.family.label} LoRA: {train.max_steps - self.step} steps to go")
         window: list[float] = []
@@ -421,17 +475,20 @@ class TrainingRun:
         return self.finish()
 
     def optimizer_step(self) -> float:
+        """One optimizer step over ``gradient_accumulation`` micro-batches; the loss stays on the device until the
+        step is done, so the host waits for the device once per step, not once per micro-batch."""
         train = self.config.train
-        total = 0.0
+        total, paths = None, []
         for _ in range(train.gradient_accumulation):
-            indices, epoch = self.cursor.next()
-            batch = self.data.load_batch(indices, epoch)
+            batch = self.batches.next()
+            paths += batch.paths
             loss = self.compute_loss(batch) / train.gradient_accumulation
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLoss(self.step + 1, list(batch.paths))
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.item()
+            total = loss.detach() if total is None else total + loss.detach()
+        value = total.item()
+        if not math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(self.step + 1, paths)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if train.max_grad_norm:
@@ -443,7 +500,7 @@ class TrainingRun:
             self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return value
 
     def compute_loss(self, batch) -> torch.Tensor:
         comps, device = self.components, self.placement.device
