@@ -385,6 +385,28 @@ def test_text_cache_covers_every_caption_variant(tmp_path: Path):
     assert shuffled.load_batch([0], 0).embeds is None
 
 
+def test_shuffled_captions_a_run_will_use_are_cached(tmp_path: Path):
+    """Tag shuffling: the captions of the planned epochs are encoded once, so no step runs the text encoder; a
+    cache that would outgrow its budget is given up after the first batch, with the reason."""
+    root, cache_dir = tagged_dataset(tmp_path / "data", 4), tmp_path / "cache"
+    data = TrainingData(section(root, shuffle_tags=True), batch_size=2)
+    planned = sorted({data.caption_for(sample, epoch) for epoch in range(3) for sample in range(data.num_samples)})
+    assert len(planned) > data.num_samples  # the shuffles really differ between epochs
+    encoder = CountingEncoder()
+    assert data.fill_text_cache(encoder.text, cache_dir, "te", planned=planned)
+    assert encoder.items == len(planned)
+    for epoch in range(3):
+        batch = data.load_batch(data.batches_for_epoch(epoch)[0], epoch)
+        for caption, pooled in zip(batch.captions, batch.embeds["pooled"], strict=True):
+            assert pooled.item() == len(caption)
+
+    small = TrainingData(section(root, shuffle_tags=True), batch_size=2)
+    counting = CountingEncoder()
+    result = small.fill_text_cache(counting.text, tmp_path / "other", "te", planned=planned, max_bytes=8)
+    assert not result and "would take" in result.reason and counting.calls == 1
+    assert small.load_batch([0], 0).embeds is None
+
+
 def test_unreadable_cache_entry_is_rebuilt(tmp_path: Path):
     root, cache_dir = tagged_dataset(tmp_path / "data", 2), tmp_path / "cache"
     TrainingData(section(root)).fill_latent_cache(CountingEncoder().latents, cache_dir, "vae")

@@ -240,3 +240,19 @@ def test_batches_loaded_ahead_train_the_same_lora(dataset, tmp_path):
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_shuffled_tags_are_encoded_once_before_training(dataset, tmp_path):
+    """With tag shuffling the captions of the whole run are cached up front: the text encoder never runs in a step,
+    and the LoRA is the one per-step encoding gives (the cache is only a cache)."""
+    overrides = ["train.max_steps=6", "dataset.shuffle_tags=true", "dataset.caption_dropout=0.2"]
+    events = []
+    cached = train(tiny_config("sd15", dataset, tmp_path / "cached", *overrides), events.append)
+    texts = [event.text for event in events if isinstance(event, Status)]
+    assert not any("computed at each step" in text for text in texts)
+    assert any(text.startswith("Caching text embeddings") for text in texts)
+    per_step = train(tiny_config("sd15", dataset, tmp_path / "per-step", "dataset.cache_text=false", *overrides))
+    expected, actual = lora_tensors(per_step.lora_path), lora_tensors(cached.lora_path)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)

@@ -154,8 +154,10 @@ def fill_text(
     encode_fn: TextEncoder,
     batch_size: int,
     progress: Progress | None = None,
+    max_bytes: int | None = None,
 ) -> CacheResult:
-    """Encode the captions whose embeddings are not cached yet."""
+    """Encode the captions whose embeddings are not cached yet; with ``max_bytes``, give up (a false result) once
+    the first batch shows that all of them would take more room than that."""
     keys = {caption: text_key(caption, model_key) for caption in captions}
     todo = [caption for caption, key in keys.items() if not cache.has(key)]
     total, done = len(keys), len(keys) - len(todo)
@@ -165,6 +167,11 @@ def fill_text(
             embeds = encode_fn(list(chunk))
         for name, tensor in embeds.items():
             _check_batch_first(name, tensor, len(chunk))
+        if max_bytes is not None and done == total - len(todo):
+            needed = len(todo) * sum(t[0].numel() * t.element_size() for t in embeds.values())
+            if needed > max_bytes:
+                return CacheResult(False, reason=f"the embeddings of {len(todo)} caption variants would take "
+                                                 f"{needed / 1024**3:.1f} GiB, more than {max_bytes / 1024**3:.0f} GiB")
         for i, caption in enumerate(chunk):
             cache.save(keys[caption], {name: tensor[i] for name, tensor in embeds.items()}, {"kind": "text"})
         done += len(chunk)

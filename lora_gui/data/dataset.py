@@ -36,6 +36,9 @@ from lora_gui.data.images import load_rgb
 from lora_gui.data.scan import ImageRecord, Log, ScanReport, scan_folder
 from lora_gui.engine.families.base import Conditioning
 
+# With tag shuffling, the embeddings of a run's planned captions are cached up to this size (they are stored in
+# float32: Flux's T5 takes 8 MiB a caption), so the text encoders need not run at every step.
+SHUFFLED_CACHE_BYTES = 8 * 1024**3
 
 @dataclass
 class Batch:
@@ -221,14 +224,18 @@ class TrainingData:
         model_key: str,
         progress: caches.Progress | None = None,
         batch_size: int | None = None,
+        planned: list[str] | None = None,
+        max_bytes: int = SHUFFLED_CACHE_BYTES,
     ) -> caches.CacheResult:
         """Encode every caption variant with ``encode_fn(list[str]) -> dict[str, Tensor]``.
 
-        Returns a false result with a reason when captions vary without bound (tag shuffling);
-        the trainer then encodes on the fly. Do not call it while training a text-encoder LoRA.
+        With tag shuffling the variants are unbounded: ``planned``, the captions the run's remaining steps will
+        use, are encoded instead, unless their embeddings would take more than ``max_bytes``; then (or
+        without ``planned``) the result is false with a reason and the trainer encodes on the fly. Do not call
+        it while training a text-encoder LoRA.
         """
         variants = self.caption_variants()
-        if variants is None:
+        if variants is None and planned is None:
             self._text_cache = None
             return caches.CacheResult(
                 False,
@@ -237,8 +244,13 @@ class TrainingData:
             )
         cache = caches.TensorCache(Path(cache_dir) / "text")
         result = caches.fill_text(
-            cache, variants, model_key, encode_fn, batch_size or self.batch_size, progress
+            cache, variants if variants is not None else planned, model_key, encode_fn,
+            batch_size or self.batch_size, progress, max_bytes=None if variants is not None else max_bytes,
         )
+        if not result:
+            self._text_cache = None
+            return caches.CacheResult(False, reason=f"Tag shuffling: {result.reason}, so they are encoded at each "
+                                                    "step instead (fewer steps or no dataset.shuffle_tags caches them).")
         self._text_cache = (cache, model_key)
         return result
 

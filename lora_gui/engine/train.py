@@ -165,6 +165,7 @@ class TrainingRun:
         self.step = 0
         self.metrics: MetricsLog | None = None
         self.sample_prompts: dict | None = None  # validation prompt embeddings, while the text encoders are frozen
+        self.resume_progress: dict = {}  # the checkpoint's data position when resuming
 
     # ------------------------------------------------------------------ orchestration
     def execute(self, resume_from: str | Path | None) -> TrainResult:
@@ -187,6 +188,7 @@ class TrainingRun:
         self.status(f"Loading {self.config.model.base} on {self.placement.describe()}")
         self.load_model()
         self.check_stop()
+        self.resume_progress = resume[0] if resume is not None else {}
         self.fill_caches()
         self.attach_lora()
         self.build_optimization()
@@ -330,7 +332,17 @@ class TrainingRun:
             return {k: v.float().cpu() for k, v in embeds.items()}
 
         return self.data.fill_text_cache(encode_text, self.cache_dir(), self.model_key(),
-                                         self.progress_status("Caching text embeddings"))
+                                         self.progress_status("Caching text embeddings"),
+                                         planned=self.planned_captions())
+
+    def planned_captions(self) -> list[str]:
+        """Every caption the remaining steps will train with (tag shuffling and dropout applied): where the
+        data cursor will go from the start or the resumed position."""
+        progress, train = self.resume_progress, self.config.train
+        cursor = DataCursor(self.data, int(progress.get("epoch", 0)), int(progress.get("batch_in_epoch", 0)))
+        remaining = max(0, train.max_steps - int(progress.get("step", 0))) * train.gradient_accumulation
+        return sorted({self.data.caption_for(sample, epoch)
+                       for indices, epoch in cursor.upcoming(remaining) for sample in indices})
 
     def progress_status(self, label: str):
         """A progress callback for one unit of work at a time; it is also where a stop request lands."""
