@@ -130,6 +130,10 @@ def test_preset_names_are_checked():
     for family, tier in (("sdxl", "13 GB"), ("../x", "8 GB"), (None, "8 GB")):
         with pytest.raises(ConfigError):
             P.preset_name(family, tier)
+    with pytest.raises(ConfigError, match=r"no 24 GB preset for qwen-image yet \(it has: qwen-image-cpu-demo\)"):
+        P.preset_name("qwen-image", "24 GB")
+    with pytest.raises(ConfigError, match="pick one of those families"):
+        P.preset_name("auto", "CPU demo")
 
 
 def test_apply_preset_keeps_the_users_fields(workspace):

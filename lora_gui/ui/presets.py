@@ -54,11 +54,18 @@ def preset_name(family: Any, tier_label: Any) -> str:
     if tier_label not in suffixes:
         raise ConfigError(f"Unknown VRAM tier {tier_label!r}; choose one of: {', '.join(TIER_LABELS)}.")
     name = f"{family}-{suffixes[tier_label]}"
-    if name not in list_presets():
-        from lora_gui.engine.families.registry import family_names
+    presets = list_presets()
+    if name in presets:
+        return name
+    from lora_gui.engine.families.registry import family_names
 
-        raise ConfigError(f"model.family: there is no preset {name!r}; choose one of {', '.join(family_names())}.")
-    return name
+    if family not in family_names():
+        raise ConfigError(f"model.family: presets exist for {', '.join(family_names())}; pick one of those "
+                          "families to apply a preset.")
+    own = [preset for preset in presets if preset.startswith(f"{family}-") and preset.removeprefix(f"{family}-")
+           in suffixes.values()]
+    raise ConfigError(f"There is no {tier_label} preset for {family} yet (it has: {', '.join(own) or 'none'}). "
+                      "Pick one of those tiers, or set the form by hand.")
 
 
 def preset_summary(name: str) -> str:
