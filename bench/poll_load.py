@@ -5,11 +5,11 @@ training run (``builtin:tiny-sd15``, the built-in sample dataset, resolution 128
 validation images unless --set asks), then compares training with no clients and with N clients
 that poll the Train tab the way browsers do. The clients are a separate process with one thread
 per client, each with its own session hash and a kept-alive HTTP connection: every ``--interval``
-seconds it sends the Train tab's timer event (``api_name="train_poll"``) to
-``/gradio_api/run/train_poll``, and, as the browser does, it calls every event that listens to
-``change`` on one of the poll's outputs whenever that output's value changed. Endpoints and wiring
-are read from the app's ``/config``, so the benchmark follows the UI as built (the older UI, with
-one big poll event, is measured the same way).
+seconds it does what the Train tab's timer does (GET the ``/lora-gui/train-poll`` route its
+JavaScript fetches; in older versions, the Gradio event ``/gradio_api/run/train_poll``), and, as the
+browser does, it calls every event that listens to ``change`` on one of the poll's outputs whenever
+that output's value changed. Endpoints and wiring are read from the app's ``/config``, so the
+benchmark follows the UI as built (older UIs are measured the same way).
 
     python bench/poll_load.py                          # 20 clients, 3 rounds of 20 s phases
     python bench/poll_load.py --clients 5 --seconds 30 --rounds 5
@@ -44,6 +44,7 @@ import http.client
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -66,11 +67,22 @@ POLL_API = "train_poll"
 
 
 def event_graph(url: str) -> tuple[dict, dict[int, list[dict]]]:
-    """The poll event, and for each component id the events that run when its value changes."""
+    """The poll event, and for each component id the events that run when its value changes.
+
+    The poll is the Train tab's timer event: a Gradio event named ``train_poll`` in older versions; now
+    JavaScript in the browser that GETs a bare route (its path is read from the event's ``js`` and put
+    into the returned dict as ``route``).
+    """
     with urllib.request.urlopen(url + "config", timeout=30) as response:
         config = json.loads(response.read())
     deps = config["dependencies"]
-    poll = next(dep for dep in deps if dep.get("api_name") == POLL_API)
+    poll = next((dep for dep in deps if dep.get("api_name") == POLL_API), None)
+    if poll is None:
+        poll = next(dep for dep in deps if any(event == "tick" for _, event in dep["targets"]))
+        route = re.search(r'"(lora-gui/[\w-]+)"', poll.get("js") or "")
+        if poll.get("backend_fn") or route is None:
+            raise SystemExit("the Train tab's timer event is neither train_poll nor a fetch of a lora-gui route")
+        poll = {**poll, "route": route.group(1)}
     on_change: dict[int, list[dict]] = {}
     for dep in deps:
         for target_id, event in dep["targets"]:
@@ -94,12 +106,15 @@ class BrowserLike:
         self.connection: http.client.HTTPConnection | None = None
 
     def post(self, api_name: str, body: dict) -> dict:
+        return self.request("POST", f"gradio_api/run/{api_name}", json.dumps(body))
+
+    def request(self, method: str, path: str, body: str | None = None) -> dict:
         if self.connection is None:
             address = urllib.parse.urlparse(self.url)
             self.connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
         try:
-            self.connection.request("POST", f"{urllib.parse.urlparse(self.url).path}gradio_api/run/{api_name}",
-                                    json.dumps(body), {"Content-Type": "application/json"})
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            self.connection.request(method, f"{urllib.parse.urlparse(self.url).path}{path}", body, headers)
             response = self.connection.getresponse()
             payload = response.read()
         except (OSError, http.client.HTTPException):
@@ -116,7 +131,10 @@ class BrowserLike:
                 "session_hash": self.session}
         started = time.time()
         try:
-            result = self.post(dep["api_name"], body)
+            if "route" in dep:  # the timer's JavaScript: a GET, no Gradio event
+                result = {"data": self.request("GET", dep["route"])}
+            else:
+                result = self.post(dep["api_name"], body)
         except (OSError, http.client.HTTPException) as exc:
             self.log.append((started, time.time(), kind, repr(exc)))
             return

@@ -1,7 +1,7 @@
 """Polling the Train tab stays cheap however many browser tabs watch a run (behaviour only, no timings).
 
-The timer's event carries the status line, the memory line and one version string per panel group;
-the heavy panels (plots, gallery, log, errors/buttons/checkpoints) are fetched by separate events
+The timer's event carries the status line, the memory line and one version string per panel group,
+fetched by the browser from a bare route (no Gradio event); the heavy panels (plots, gallery, log, errors/buttons/checkpoints) are fetched by separate events
 that the browser fires only when their version string changed. The view is rendered once per change
 of the run and shared by every tab. Speed itself is measured by bench/poll_load.py.
 """
@@ -9,15 +9,20 @@ of the run and shared by every tab. Speed itself is measured by bench/poll_load.
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import replace
 
 import gradio as gr
+import pytest
 from test_ui_train import make_workspace
 
 from lora_gui.engine.runner import RunSnapshot, TrainingRunner
 from lora_gui.events import Progress, SamplesReady, Status
 from lora_gui.ui import run_view
+from lora_gui.ui.light_routes import AppBlocks
+from lora_gui.ui.login import LoginGuard, login_options
 from lora_gui.ui.run_view import PLOT_REFRESH_S, SharedView
 from lora_gui.ui.tabs import train
 
@@ -167,10 +172,10 @@ def test_the_timer_event_never_touches_a_heavy_panel(tmp_path):
         train.build(session, tab)
     config = app.get_config_file()
     kinds = {component["id"]: component["type"] for component in config["components"]}
-    deps = {dep["api_name"]: dep for dep in config["dependencies"] if dep.get("api_name")}
-    poll = deps["train_poll"]
+    [poll] = [dep for dep in config["dependencies"] if dep["targets"][0][1] == "tick"]
     assert [kinds[i] for i in poll["outputs"]] == ["markdown", "markdown"] + ["textbox"] * len(run_view.GROUPS)
-    assert poll["queue"] is False and poll["inputs"] == []
+    assert poll["backend_fn"] is False and "lora-gui/train-poll" in poll["js"]  # never reaches Gradio's server
+    assert poll["inputs"] == poll["outputs"]  # the current values, kept when a fetch fails
     heavy = {"plots": {"nativeplot"}, "gallery": {"gallery"}, "log": {"textbox"},
              "controls": {"markdown", "column", "accordion", "textbox", "dropdown", "button", "timer"}}
     for trigger, group in zip(poll["outputs"][2:], run_view.GROUPS, strict=True):
@@ -191,7 +196,7 @@ def test_values_sent_without_postprocessing_are_what_the_components_would_send(t
             component.render()
         train.build(session, tab)
     skipped = {fn.api_name for fn in app.fns.values() if fn.api_name and not fn.postprocess}
-    assert skipped == {"train_poll", "train_plots"}
+    assert skipped == {"train_plots"}
     status, memory, *triggers = train.poll(session)
     assert gr.Markdown().postprocess(status) == status and gr.Markdown().postprocess(memory) == memory
     assert all(gr.Textbox().postprocess(trigger) == trigger for trigger in triggers)
@@ -204,11 +209,16 @@ def test_polling_over_http_like_a_browser(tmp_path):
     session, tab = make_workspace(tmp_path)
     session.runner = CountingRunner(RunSnapshot(state="running", max_steps=100, status="Training"),
                                     session.workspace.outputs / "run")
-    with gr.Blocks() as app:
+    with AppBlocks() as app:
         for component in tab.components.values():
             component.render()
-        train.build(session, tab)
+        app.light_routes += train.build(session, tab)
     _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+
+    def poll() -> list:  # what the timer's JavaScript fetches
+        with urllib.request.urlopen(f"{url}lora-gui/train-poll", timeout=30) as response:
+            assert response.headers["Cache-Control"] == "no-store"
+            return json.loads(response.read())
 
     def call(api_name: str, tab_id: str) -> list:
         body = {"data": [], "event_data": None, "fn_index": None, "trigger_id": None, "session_hash": tab_id}
@@ -218,14 +228,40 @@ def test_polling_over_http_like_a_browser(tmp_path):
             return json.loads(response.read())["data"]
 
     try:
-        first = call("train_poll", "tab-a")
-        assert call("train_poll", "tab-a") == first == call("train_poll", "tab-b")  # same versions: no fetches
+        first = poll()
+        assert first == train.poll(session) and poll() == first  # same versions: no fetches
         assert call("train_plots", "tab-a") == [None, None]  # no loss yet: no table
         session.runner.step()
-        later = call("train_poll", "tab-b")
+        later = poll()
         assert "step 1 / 100" in later[0] and later[2] != first[2] and later[3:] == first[3:]
         loss, lr = call("train_plots", "tab-b")
         assert loss["data"] == [[1, 1.0, "raw"], [1, 1.0, "smoothed"]] and lr["data"] == [[1, 1e-4]]
         assert session.runner.copies == 2  # two tabs, five calls: one copy per change
+    finally:
+        app.close()
+
+
+def test_the_poll_route_wants_the_password_when_one_is_set(tmp_path):
+    session, tab = make_workspace(tmp_path)
+    with AppBlocks() as app:
+        for component in tab.components.values():
+            component.render()
+        app.light_routes += train.build(session, tab)
+    _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                           **login_options(LoginGuard("me", "a-long-password")))
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(f"{url}lora-gui/train-poll", timeout=30)
+        assert refused.value.code == 401 and "Idle" not in refused.value.read().decode()
+        form = urllib.parse.urlencode({"username": "me", "password": "wrong"}).encode()
+        with pytest.raises(urllib.error.HTTPError):
+            opener.open(f"{url}login", form, timeout=30)
+        with pytest.raises(urllib.error.HTTPError):
+            opener.open(f"{url}lora-gui/train-poll", timeout=30)
+        form = urllib.parse.urlencode({"username": "me", "password": "a-long-password"}).encode()
+        opener.open(f"{url}login", form, timeout=30).read()
+        with opener.open(f"{url}lora-gui/train-poll", timeout=30) as response:
+            assert json.loads(response.read()) == train.poll(session)
     finally:
         app.close()

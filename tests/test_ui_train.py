@@ -14,6 +14,7 @@ from lora_gui.config import TrainingConfig, config_to_dict, deep_merge, validate
 from lora_gui.engine.runner import RunSnapshot
 from lora_gui.events import Failed, SamplesReady
 from lora_gui.ui import run_view
+from lora_gui.ui.light_routes import AppBlocks
 from lora_gui.ui.session import AppSession
 from lora_gui.ui.tabs import train
 from lora_gui.ui.workspace import Workspace
@@ -219,12 +220,12 @@ def test_gradio_server_smoke(tmp_path):
     session.runner = StubRunner(RunSnapshot(
         state="failed", step=5, max_steps=10, losses=[(1, 0.5, 1e-4), (2, 0.4, 1e-4)], log=["Error: OOM"],
         samples=[SamplesReady(step=5, paths=(str(image),), prompts=("sks",))], error=oom), image.parents[2])
-    with gr.Blocks() as app:
+    with AppBlocks() as app:
         for component in tab.components.values():
             component.render()
         with gr.Tabs():
             with gr.Tab("Train"):
-                train.build(session, tab)
+                app.light_routes += train.build(session, tab)
             with gr.Tab("Test"):
                 test_tab.build(session, tab)
     app.queue()
@@ -236,7 +237,8 @@ def test_gradio_server_smoke(tmp_path):
         events = {target[1] for dep in config["dependencies"] for target in dep["targets"]}
         assert {"tick", "click", "select", "input"} <= events
         client = Client(url, verbose=False)
-        status, memory, *triggers = client.predict(api_name="/train_poll")
+        with urllib.request.urlopen(url + "lora-gui/train-poll", timeout=10) as response:  # the timer's fetch
+            status, memory, *triggers = json.loads(response.read())
         assert "Failed" in status and memory.startswith("GPU memory") and len(triggers) == 4
         loss, lr = client.predict(api_name="/train_plots")
         assert len(loss["data"]) == 4 and len(lr["data"]) == 2

@@ -27,9 +27,10 @@ def build_app(session: AppSession, notice: str | None = None):
     import gradio as gr
 
     from lora_gui.ui.forms import family_labels
+    from lora_gui.ui.light_routes import AppBlocks
     from lora_gui.ui.tabs import captions, config, dataset, test, train
 
-    with gr.Blocks(title=TITLE) as app:
+    with AppBlocks(title=TITLE) as app:
         gr.Markdown(f"# {TITLE}\nTrain LoRA adapters for {family_labels()}. "
                     f"Workspace: `{session.workspace.root}`")
         if notice:
@@ -42,7 +43,7 @@ def build_app(session: AppSession, notice: str | None = None):
             with gr.Tab("Config", id="config"):
                 config_tab = config.build(session, dataset_tab.folder)
             with gr.Tab("Train", id="train"):
-                train.build(session, config_tab)
+                app.light_routes += train.build(session, config_tab)
             with gr.Tab("Test", id="test"):
                 test.build(session, config_tab)
         build_about()

@@ -7,7 +7,9 @@ browser on every call, even a ``gr.skip()``):
 
 - the view is rendered once per change of the run and shared by every tab (``session.train_view``);
 - a ``gr.Timer`` (every second while a run is active, every few seconds otherwise) fetches only the
-  status line, the memory line and one short version string per panel group (hidden textboxes);
+  status line, the memory line and one short version string per panel group (hidden textboxes), from
+  a bare HTTP route in the browser's JavaScript (``light_routes``: a Gradio event would cost the server
+  several times more CPU per poll, taken from training);
 - a group's version changing fires that textbox's ``change`` in the browser, which fetches the group
   (plots, validation images, log, or errors/buttons/checkpoints): heavy panels travel once per
   change, and the plots at most every ``run_view.PLOT_REFRESH_S`` seconds while training.
@@ -30,6 +32,7 @@ from lora_gui.engine.outputs import previous_run_problem
 from lora_gui.engine.runner import RunAlreadyActive
 from lora_gui.ui import run_view
 from lora_gui.ui.comparison import release_cached_pipeline
+from lora_gui.ui.light_routes import JsonRoute
 from lora_gui.ui.workspace import OutsideWorkspace
 
 BUTTONS = ("start", "resume_checkpoint", "pause", "continue", "stop", "sample", "save")
@@ -236,7 +239,8 @@ def _error_panel(session, error) -> tuple[str, str] | None:
 # ----------------------------------------------------------------------------- layout
 
 
-def build(session, config_tab) -> None:
+def build(session, config_tab) -> list[JsonRoute]:
+    """The tab; returns the route its timer polls, which the app must serve (``AppBlocks.light_routes``)."""
     with gr.Row():
         buttons = {
             "start": gr.Button("Start", variant="primary"),
@@ -274,17 +278,16 @@ def build(session, config_tab) -> None:
     button_list = [buttons[name] for name in BUTTONS]
     poll_outputs = [status, memory, *triggers.values()]
     quiet = {"show_progress": "hidden", "queue": False}
-    # The poll's and the plots' values are sent as they are: rendered once in the shared view exactly as
-    # the components would postprocess them, which saves Gradio a thread hop per output per browser. Both
-    # run on the event loop (async): they read the shared view, rendered at most once per change.
-
-    async def poll_now() -> list:
-        return poll(session)
+    poll_route = JsonRoute("train-poll", lambda: poll(session))
+    # The timer runs only in the browser: it fetches poll_route and sets the outputs (its inputs are the
+    # outputs' current values, kept when the fetch fails). The plots' values are sent as they are:
+    # rendered once in the shared view exactly as the components would postprocess them, which saves
+    # Gradio a thread hop per output per browser; the handler runs on the event loop (async).
 
     async def plots_now() -> list:
         return plots_panel(session)
 
-    timer.tick(poll_now, None, poll_outputs, api_name="train_poll", postprocess=False, **quiet)
+    timer.tick(None, poll_outputs, poll_outputs, js=poll_route.fetch_js(), **quiet)
     triggers["plots"].change(plots_now, None, [loss_plot, lr_plot], api_name="train_plots", postprocess=False,
                              **quiet)
     triggers["gallery"].change(lambda: gallery_panel(session), None, gallery, api_name="train_gallery", **quiet)
@@ -311,3 +314,4 @@ def build(session, config_tab) -> None:
                                         api_name=f"train_{action}"))
     refresh.click(lambda data: refresh_checkpoints(session, config_tab, data), config_inputs, [checkpoint, message],
                   api_name="train_checkpoints")
+    return [poll_route]
