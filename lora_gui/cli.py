@@ -51,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lora_gui.cli_caption import add_caption_command
     from lora_gui.cli_dataset import add_dataset_commands
+    from lora_gui.cli_plan import add_plan_command
 
     add_dataset_commands(commands)
     add_caption_command(commands)
+    add_plan_command(commands)
     return parser
 
 

@@ -67,6 +67,8 @@ class ModelFamily(ABC):
     # whether its alpha is folded into the weights instead of stored (for loaders that refuse alpha keys).
     single_file_lora_prefix: ClassVar[str | None] = None
     single_file_folds_alpha: ClassVar[bool] = False
+    # The denoiser's published diffusers config per Hub id, for the memory planner without a download.
+    planning_architectures: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:
@@ -116,6 +118,12 @@ class ModelFamily(ABC):
     def sampling_prompt_kwargs(self, pipeline: Any, components: Components, prompt: str, negative_prompt: str,
                                guidance_scale: float, device: Any) -> dict[str, Any]:
         """Prompt embeddings as the pipeline's ``__call__`` takes them, computed on ``device`` (where the text encoders are)."""
+
+    def planning_inputs(self, architecture: dict[str, Any], batch: int, height: int, width: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Conditioning]]:
+        """Empty latents, caption embeddings and conditioning shaped as ``predict`` gets them in training,
+        for a denoiser with this config (the memory planner runs them on fake tensors)."""
+        raise NotImplementedError
 
     def distillation_warning(self, components: Components) -> str | None:
         """What to know when the loaded base is a distilled model (None when it is not)."""

@@ -62,6 +62,12 @@ class FluxFamily(ModelFamily):
     size_multiple = 16  # VAE factor 8 times 2x2 patch packing
     pipeline_class_name = "FluxPipeline"
     hub_models = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
+    planning_architectures = {
+        repo: {"_class_name": "FluxTransformer2DModel", "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+               "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+               "pooled_projection_dim": 768, "guidance_embeds": guidance}
+        for repo, guidance in (("black-forest-labs/FLUX.1-dev", True), ("black-forest-labs/FLUX.1-schnell", False))
+    }
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:
@@ -96,6 +102,14 @@ class FluxFamily(ModelFamily):
             return targets
         fitted = [_fit_single_block(target, count) for target in targets]
         return list(dict.fromkeys(fitted))
+
+    def planning_inputs(self, architecture: dict[str, Any], batch: int, height: int, width: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Conditioning]]:
+        latents = torch.empty(batch, architecture.get("in_channels", 64) // 4, height // 8, width // 8, dtype=dtype)
+        tokens = planned_caption_tokens(architecture)
+        embeds = {"prompt_embeds": torch.empty(batch, tokens, architecture.get("joint_attention_dim", 4096), dtype=dtype),
+                  "pooled_prompt_embeds": torch.empty(batch, architecture.get("pooled_projection_dim", 768), dtype=dtype)}
+        return latents, embeds, [Conditioning((height, width), (0, 0), (height, width))] * batch
 
     def encode_prompts(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         """CLIP's pooled output and T5's hidden states, as FluxPipeline.encode_prompt computes them."""
@@ -163,6 +177,11 @@ class FluxFamily(ModelFamily):
 
     def sample_kwargs(self, components: Components) -> dict[str, Any]:
         return {"max_sequence_length": components.extra["max_sequence_length"]}
+
+
+def planned_caption_tokens(architecture: dict[str, Any]) -> int:
+    """T5 tokens per caption for a transformer of this config (dev has the guidance embedding)."""
+    return 512 if architecture.get("guidance_embeds") else 256
 
 
 def max_sequence_length(base: str, variant: str, t5_tokenizer: Any) -> int:

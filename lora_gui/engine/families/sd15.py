@@ -47,6 +47,13 @@ class SD15Family(ModelFamily):
     default_components = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     pipeline_class_name = "StableDiffusionPipeline"
     hub_models = ("stable-diffusion-v1-5/stable-diffusion-v1-5",)
+    planning_architectures = {
+        "stable-diffusion-v1-5/stable-diffusion-v1-5": {
+            "_class_name": "UNet2DConditionModel", "sample_size": 64, "cross_attention_dim": 768,
+            "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+        },
+    }
+    caption_tokens = 77  # CLIP's context, per text encoder
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:
@@ -55,6 +62,13 @@ class SD15Family(ModelFamily):
 
     def pipeline_class(self) -> type:
         return StableDiffusionPipeline
+
+    def planning_inputs(self, architecture: dict[str, Any], batch: int, height: int, width: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Conditioning]]:
+        latents = torch.empty(batch, architecture.get("in_channels", 4), height // 8, width // 8, dtype=dtype)
+        embeds = {"prompt_embeds": torch.empty(batch, self.caption_tokens, architecture["cross_attention_dim"],
+                                               dtype=dtype)}
+        return latents, embeds, [Conditioning((height, width), (0, 0), (height, width))] * batch
 
     def _load_overrides(self) -> dict[str, Any]:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}

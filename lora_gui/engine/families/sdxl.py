@@ -25,6 +25,17 @@ class SDXLFamily(SD15Family):
     default_components = "stabilityai/stable-diffusion-xl-base-1.0"
     pipeline_class_name = "StableDiffusionXLPipeline"
     hub_models = ("stabilityai/stable-diffusion-xl-base-1.0",)
+    planning_architectures = {
+        "stabilityai/stable-diffusion-xl-base-1.0": {
+            "_class_name": "UNet2DConditionModel", "sample_size": 128, "cross_attention_dim": 2048,
+            "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True,
+            "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+        },
+    }
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:
@@ -35,6 +46,13 @@ class SDXLFamily(SD15Family):
 
     def _load_overrides(self) -> dict[str, Any]:
         return {}
+
+    def planning_inputs(self, architecture: dict[str, Any], batch: int, height: int, width: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Conditioning]]:
+        latents, embeds, conditioning = super().planning_inputs(architecture, batch, height, width, dtype)
+        time_ids = 6 * architecture["addition_time_embed_dim"]
+        pooled = architecture["projection_class_embeddings_input_dim"] - time_ids
+        return latents, {**embeds, "pooled_prompt_embeds": torch.empty(batch, pooled, dtype=dtype)}, conditioning
 
     def encode_prompts(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         """Penultimate hidden states of both encoders side by side, and encoder 2's pooled projection."""

@@ -1,0 +1,57 @@
+"""Live tensor bytes by category, counted from the storages that ops create (works on fake tensors)."""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+class LiveBytes(TorchDispatchMode):
+    """Inside the mode, every storage an op creates counts under ``phase`` until it is freed.
+
+    Tensors that exist before (weights, LoRA parameters) are counted with ``track``; ``track`` also
+    moves a known storage to another category (a gradient created in the backward pass). Views share
+    their base's storage and are counted once. ``peak`` is the most bytes live at one time and
+    ``peak_split`` the categories at that moment.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries = WeakIdKeyDictionary()  # storage -> [category, bytes]
+        self.live: dict[str, int] = defaultdict(int)
+        self.total = 0
+        self.peak = 0
+        self.peak_split: dict[str, int] = {}
+        self.phase = "activations"
+        self._finalizers: list[weakref.ref] = []
+
+    def track(self, tensor: torch.Tensor, category: str, move: bool = True) -> None:
+        storage = tensor.untyped_storage()
+        entry = self.entries.get(storage)
+        if entry is not None:
+            if move and entry[0] != category:
+                self.live[entry[0]] -= entry[1]
+                self.live[category] += entry[1]
+                entry[0] = category
+            return
+        entry = [category, storage.nbytes()]
+        self.entries[storage] = entry
+        self.live[category] += entry[1]
+        self.total += entry[1]
+        self._finalizers.append(weakref.ref(storage, lambda _, entry=entry: self._free(entry)))
+        if self.total > self.peak:
+            self.peak, self.peak_split = self.total, dict(self.live)
+
+    def _free(self, entry: list) -> None:
+        self.live[entry[0]] -= entry[1]
+        self.total -= entry[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, lambda tensor: self.track(tensor, self.phase, move=False), result)
+        return result

@@ -1,0 +1,88 @@
+"""The memory planner: the config's training step traced on fake tensors.
+
+Its figures are checked against the same step run for real (real tensors on this CPU, random weights)
+with the same byte counter; a GPU adds what no trace sees (the CUDA context, the allocator's rounding),
+which the plan shows as a separate allowance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lora_gui.cli import main
+from lora_gui.config import build_config
+from lora_gui.engine.families.registry import get_family
+from lora_gui.engine.planner import GIB, plan_memory
+from lora_gui.engine.planner.architecture import denoiser_config
+from lora_gui.engine.planner.live_bytes import LiveBytes
+from lora_gui.engine.planner.stand_ins import QuantizedLinearStandIn, optimizer_state_bytes
+from lora_gui.engine.planner.trace import _adapted_denoiser, _forward_backward, _track_parameters
+
+
+def tiny_config(tmp_path, *overrides):
+    return build_config(preset="sd15-cpu-demo", overrides=[
+        "model.base=builtin:tiny-sd15", "model.family=sd15", "dataset.resolution=128", "train.batch_size=2",
+        "model.weight_dtype=fp32", "train.mixed_precision=fp32", f"output.dir={tmp_path / 'out'}", *overrides])
+
+
+def real_step_peak(config) -> tuple[int, dict]:
+    """The same step with real tensors on the CPU, counted by the same tracker."""
+    family = get_family("sd15")
+    architecture = denoiser_config(family, config.model)
+    denoiser = _adapted_denoiser(family, config, architecture, torch.float32).to_empty(device="cpu")
+    for parameter in denoiser.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
+    tracker = LiveBytes()
+    _track_parameters(tracker, denoiser, trainable)
+    if config.train.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    with tracker:
+        _forward_backward(tracker, family, config, denoiser, architecture, config.dataset.resolution,
+                          torch.float32, torch.float32)
+    return tracker.peak, tracker.peak_split
+
+
+def test_the_fake_trace_equals_the_real_step_on_the_cpu(tmp_path):
+    for checkpointing in ("true", "false"):
+        config = tiny_config(tmp_path, f"train.gradient_checkpointing={checkpointing}")
+        plan = plan_memory(config)
+        real_peak, real_split = real_step_peak(config)
+        assert plan.split["weights"] == real_split["weights"] > 0
+        # the optimizer's states come after the backward pass's peak in both
+        assert abs(plan.peak_bytes - real_peak) <= 0.02 * real_peak, (checkpointing, plan.peak_bytes, real_peak)
+
+
+def test_the_plan_follows_the_config(tmp_path):
+    base = plan_memory(tiny_config(tmp_path))
+    bigger = plan_memory(tiny_config(tmp_path, "dataset.resolution=256"))
+    rank = plan_memory(tiny_config(tmp_path, "lora.rank=64"))
+    checkpointed = plan_memory(tiny_config(tmp_path, "dataset.resolution=256", "train.gradient_checkpointing=true"))
+    assert bigger.split["activations"] > 3 * base.split["activations"]
+    assert rank.split["LoRA"] > 3 * base.split["LoRA"] and rank.split["weights"] == base.split["weights"]
+    assert checkpointed.split["activations"] < bigger.split["activations"] / 2
+
+
+def test_quantized_weights_and_8_bit_states_take_their_real_sizes():
+    linear = torch.nn.Linear(4096, 1024, device="meta")
+    assert QuantizedLinearStandIn(linear, "int8", torch.bfloat16).weight.numel() == 4096 * 1024 + 2 * 1024
+    assert QuantizedLinearStandIn(linear, "nf4", torch.bfloat16).weight.numel() == 4096 * 1024 // 2 + 4096 * 1024 // 64
+    lora_a = torch.empty(16, 3072, device="meta")
+    assert optimizer_state_bytes("adamw", lora_a) == 2 * 4 * lora_a.numel()
+    assert optimizer_state_bytes("adamw8bit", lora_a) == 2 * (lora_a.numel() + 4 * lora_a.numel() // 256)
+    assert optimizer_state_bytes("adamw8bit", torch.empty(16, 16)) == 2 * 4 * 256  # small: 32-bit states
+
+
+def test_sdxl_at_full_size_from_the_published_architecture(tmp_path):
+    plan = plan_memory(build_config(preset="sdxl-24gb", overrides=["dataset.resolution=512"]))
+    assert 2.4 * GIB < plan.split["weights"] < 2.5 * 2 * GIB  # 2.57 B parameters, bf16 (and fp16 ... )
+    assert plan.total_bytes > plan.peak_bytes
+
+
+def test_cli_plan_prints_the_split_and_the_verdict(tmp_path, capsys):
+    assert main(["plan", "--preset", "sd15-8gb", "--vram", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "peak" in out and "weights" in out and "fits a 8 GB card" in out and "allowance" in out
+    assert main(["plan", "--preset", "sd15-8gb", "--vram", "-3"]) == 2
+    assert main(["plan", "--preset", "sd15-8gb", "--set", "model.base=/nowhere/model"]) == 1
+    assert "does not exist" in capsys.readouterr().err
