@@ -86,3 +86,14 @@ def test_cli_plan_prints_the_split_and_the_verdict(tmp_path, capsys):
     assert main(["plan", "--preset", "sd15-8gb", "--vram", "-3"]) == 2
     assert main(["plan", "--preset", "sd15-8gb", "--set", "model.base=/nowhere/model"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_config_tab_shows_the_plan_and_the_verdict(tmp_path):
+    from lora_gui.ui import presets
+    from lora_gui.ui.session import GpuInfo
+
+    plan = plan_memory(tiny_config(tmp_path))
+    fits = presets.plan_text(plan, GpuInfo("NVIDIA GeForce RTX 4090", 23.6))
+    assert "✅" in fits and "fits a 23.6 GB card" in fits and "weights" in fits
+    assert "❌" in presets.plan_text(plan, GpuInfo("a tiny card", 0.5))
+    assert "No GPU here" in presets.plan_text(plan, None)

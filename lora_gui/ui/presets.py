@@ -226,6 +226,17 @@ def estimate_text(est, config: TrainingConfig, gpu) -> str:
     return "\n".join(lines)
 
 
+def plan_text(plan, gpu) -> str:
+    """The traced memory plan (``engine.planner.MemoryPlan``) and, with a GPU, whether it fits."""
+    if gpu is not None and gpu.total_gib:
+        fits = plan.total_bytes <= gpu.total_gib * 1024**3
+        verdict = f"{'✅' if fits else '❌'} **{plan.verdict(gpu.total_gib)}** ({gpu.name})"
+    else:
+        verdict = "No GPU here: these are the figures for a GPU run of this config."
+    lines = ["### Memory plan (traced)", verdict, ""] + [f"- {line}" for line in plan.lines()]
+    return "\n".join(lines)
+
+
 def _duration(minutes: float) -> str:
     if minutes < 1:
         return f"{minutes * 60:.0f} s"

@@ -14,6 +14,7 @@ import gradio as gr
 
 from lora_gui.config import FAMILIES, ConfigError, ModelSection, TrainingConfig, validate_config
 from lora_gui.engine.families.detect import AUTO, detect_family
+from lora_gui.engine.planner import PlanError, plan_memory
 from lora_gui.ui import forms
 from lora_gui.ui import presets as P
 from lora_gui.ui.guard import message_guard
@@ -125,6 +126,8 @@ class Widgets:
     cli: gr.Code
     saved_path: gr.State  # the last saved file, for the CLI command
     auto_dir: gr.State  # output.dir while it still follows output.name
+    plan_button: gr.Button
+    plan: gr.Markdown  # the traced memory plan, made on request (it takes seconds to a minute)
 
     def panels(self) -> dict[str, gr.components.Component]:
         return {"preset": self.preset, "changes": self.changes, "validate": self.validate,
@@ -156,6 +159,8 @@ def layout(workspace: Workspace, gpu: GpuInfo | None, tier: str, initial: dict[s
         changes_md = gr.Markdown(first["changes"])
         applied_md = gr.Markdown("")
     estimate_md = gr.Markdown(first["estimate"])
+    plan_btn = gr.Button("Plan GPU memory: trace the training step at full size (10-60 s on a CPU)", scale=0)
+    plan_md = gr.Markdown("", elem_id="lg-memory-plan")
     components = forms.build_form(initial, forms.base_choices(family, workspace),
                                   list(forms.target_choices(family)))
     validate_md = gr.Markdown(first["validate"])
@@ -181,7 +186,7 @@ def layout(workspace: Workspace, gpu: GpuInfo | None, tier: str, initial: dict[s
                        buttons=["copy"])
     widgets = Widgets(tier_radio, apply_btn, preset_md, changes_md, applied_md, estimate_md, validate_md, upload,
                       saved_dd, load_btn, refresh_btn, save_name, overwrite, save_btn, file_md, cli_code,
-                      gr.State(None), gr.State(initial["output.dir"]))
+                      gr.State(None), gr.State(initial["output.dir"]), plan_btn, plan_md)
     return ConfigTab(components, workspace), widgets
 
 
@@ -203,6 +208,8 @@ class Handlers:
         self.load_upload = guarded(w.file_status)(self.load_upload)
         self.load_saved = guarded(w.file_status)(self.load_saved)
         self.save = guarded(w.file_status)(self.save)
+        self.plan = message_guard(w.plan, (ConfigError, OutsideWorkspace, PlanError), "The details are in the "
+                                  "terminal that runs the app; please report them.", symbol="❌")(self.plan)
 
     def refresh(self, values: dict):
         texts = panel_texts(self.tab.form_values(values), values.get(self.w.tier), values.get(self.w.saved_path),
@@ -277,6 +284,10 @@ class Handlers:
                 self.w.saved_path: str(path),
                 self.w.saved: gr.update(choices=P.list_saved_configs(self.workspace), value=path.name)}
 
+    def plan(self, values: dict):
+        config = form_to_config(self.tab.form_values(values), self.workspace)
+        return {self.w.plan: P.plan_text(plan_memory(config), self.gpu)}
+
     def wire(self, dataset_folder: gr.Textbox | None) -> None:
         w, c, form = self.w, self.c, self.tab.inputs()
         panel_inputs, panels = form | {w.tier, w.saved_path}, list(w.panels().values())
@@ -293,6 +304,7 @@ class Handlers:
                                [c["output.dir"], w.auto_dir], api_name="config_follow_name").then(**then)
         w.upload.upload(self.load_upload, w.upload, filled + [w.file_status]).then(**then)
         w.load.click(self.load_saved, w.saved, filled + [w.file_status], api_name="config_load_saved").then(**then)
+        w.plan_button.click(self.plan, form, w.plan, api_name="config_plan")
         w.refresh_list.click(lambda: gr.update(choices=P.list_saved_configs(self.workspace)), None, w.saved)
         w.save.click(self.save, form | {w.save_name, w.overwrite}, [w.file_status, w.saved_path, w.saved],
                      api_name="config_save").then(**then)
