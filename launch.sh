@@ -81,7 +81,7 @@ install_locked() {
         fail "The installed libraries do not fit together (above). Delete $VENV and run this again."
     fi
     echo "$print" > "$stamp"
-    say "Installed: $("$PY" -m lora_gui --version | head -3 | tr '\n' ' ')"
+    say "Installed: $("$PY" -m lora_gui --version | sed -n 1,3p | tr '\n' ' ')"
 }
 
 ensure_browser() {

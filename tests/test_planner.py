@@ -97,3 +97,28 @@ def test_the_config_tab_shows_the_plan_and_the_verdict(tmp_path):
     assert "✅" in fits and "fits a 23.6 GB card" in fits and "weights" in fits
     assert "❌" in presets.plan_text(plan, GpuInfo("a tiny card", 0.5))
     assert "No GPU here" in presets.plan_text(plan, None)
+
+
+def test_long_block_stacks_are_traced_a_few_blocks_deep_with_the_same_figures(tmp_path):
+    from lora_gui.engine.planner.trace import _extrapolated, trace_step
+
+    family = get_family("flux")
+    config = build_config(preset="flux-cpu-demo", overrides=[
+        "model.base=builtin:tiny-flux", "dataset.resolution=128", f"output.dir={tmp_path / 'out'}"])
+    architecture = {**denoiser_config(family, config.model), "num_layers": 4, "num_single_layers": 5}
+    for checkpointing in (True, False):
+        config = config.model_copy(update={"train": config.train.model_copy(
+            update={"gradient_checkpointing": checkpointing})})
+        exact = trace_step(family, config, architecture)
+        assert _extrapolated(family, config, architecture, {"num_layers": 4, "num_single_layers": 5}) == exact
+        fewer = trace_step(family, config, {**architecture, "num_layers": 3})
+        assert max(peak for peak, _ in fewer.values()) < max(peak for peak, _ in exact.values())
+
+
+def test_only_top_level_embeddings_and_output_layers_stay_unquantized():
+    from lora_gui.engine.quantize import keeps_full_precision
+
+    assert keeps_full_precision("proj_out") and keeps_full_precision("time_text_embed.timestep_embedder.linear_1")
+    # Flux's 38 single blocks each have a proj_out (1.8 B parameters in all): those are quantized
+    assert not keeps_full_precision("single_transformer_blocks.0.proj_out")
+    assert not keeps_full_precision("transformer_blocks.3.ff.net.2")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-# Layers kept in full precision: small, and sensitive to rounding (embeddings, the output projection).
+# Top-level modules kept in full precision: small, and sensitive to rounding (embeddings, the output
+# projection). Matched on the first part of a layer's name only: a block's own proj_out is quantized.
 KEEP_FULL_PRECISION = ("proj_out", "conv_out", "time_embedding", "time_text_embed", "norm_out", "x_embedder",
                        "context_embedder", "add_embedding")
 
@@ -35,6 +36,11 @@ def quantize_text_encoder(encoder: torch.nn.Module, mode: str, device: torch.dev
     return _quanto(encoder, mode, keep=TEXT_ENCODER_FULL_PRECISION, option="model.quantize_text_encoders")
 
 
+def keeps_full_precision(layer_name: str, keep: tuple[str, ...] = KEEP_FULL_PRECISION) -> bool:
+    """Whether the layer belongs to a top-level module that stays in full precision."""
+    return layer_name.split(".", 1)[0] in keep
+
+
 def _quanto(denoiser: torch.nn.Module, mode: str, keep: tuple[str, ...] = KEEP_FULL_PRECISION,
             option: str = "model.quantize") -> int:
     try:
@@ -45,7 +51,7 @@ def _quanto(denoiser: torch.nn.Module, mode: str, keep: tuple[str, ...] = KEEP_F
             f"or set {option} = 'none'."
         ) from exc
     weights = {"int8": qint8, "int4": qint4, "fp8": qfloat8}[mode]
-    exclude = [f"*{name}*" for name in keep]
+    exclude = [pattern for name in keep for pattern in (name, f"{name}.*")]
     quantize(denoiser, weights=weights, exclude=exclude)
     freeze(denoiser)
     return sum(1 for m in denoiser.modules() if type(m).__name__ == "QLinear")
@@ -61,7 +67,7 @@ def _to_nf4(denoiser: torch.nn.Module, device: torch.device, keep: tuple[str, ..
     for parent_name, parent in list(denoiser.named_modules()):
         for child_name, child in list(parent.named_children()):
             full_name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is not torch.nn.Linear or any(k in full_name for k in keep):
+            if type(child) is not torch.nn.Linear or keeps_full_precision(full_name, keep):
                 continue
             setattr(parent, child_name, _nf4_linear(bnb, child, device))
             count += 1

@@ -69,6 +69,8 @@ class ModelFamily(ABC):
     single_file_folds_alpha: ClassVar[bool] = False
     # The denoiser's published diffusers config per Hub id, for the memory planner without a download.
     planning_architectures: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Keys of that config that count identical blocks (the planner traces a few and adds the rest).
+    planning_block_counts: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:

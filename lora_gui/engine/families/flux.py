@@ -68,6 +68,7 @@ class FluxFamily(ModelFamily):
                "pooled_projection_dim": 768, "guidance_embeds": guidance}
         for repo, guidance in (("black-forest-labs/FLUX.1-dev", True), ("black-forest-labs/FLUX.1-schnell", False))
     }
+    planning_block_counts = ("num_layers", "num_single_layers")
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:

@@ -57,6 +57,14 @@ def encode_latents(vae: Any, pixels: torch.Tensor, dtype: torch.dtype) -> torch.
     return ((latents - mean) / std.to(latents.device, latents.dtype)).to(dtype)
 
 
+def planning_inputs(architecture: dict[str, Any], batch: int, height: int, width: int, dtype: torch.dtype,
+                    caption_tokens: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
+    """Empty patchified latents (VAE /8, then 2x2) and caption embeddings as training feeds ``predict``."""
+    latents = torch.empty(batch, architecture.get("in_channels", 128), height // 16, width // 16, dtype=dtype)
+    embeds = torch.empty(batch, caption_tokens, architecture["joint_attention_dim"], dtype=dtype)
+    return latents, {"prompt_embeds": embeds}, []
+
+
 def predict(denoiser: Any, noisy_latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
             dtype: torch.dtype, guidance: float) -> torch.Tensor:
     """The transformer's prediction for patchified latents, unpacked to their layout."""
@@ -72,7 +80,10 @@ def predict(denoiser: Any, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
         img_ids=image_ids, txt_ids=Flux2Pipeline._prepare_text_ids(prompt_embeds).to(device),
         guidance=guidance_input, return_dict=False,
     )[0]
-    return Flux2Pipeline._unpack_latents_with_ids(output[:, : packed.shape[1]], image_ids)
+    # The inverse of _pack_latents for a full grid: what the pipeline's _unpack_latents_with_ids does by
+    # scattering along the ids, without reading their values (the memory planner runs this on fake tensors).
+    batch, channels, height, width = noisy_latents.shape
+    return output[:, : packed.shape[1]].reshape(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 def objective(components: Any, train: Any) -> Any:

@@ -44,6 +44,13 @@ class Flux2DevFamily(ModelFamily):
     size_multiple = 16  # VAE factor 8 times the 2x2 patchify
     pipeline_class_name = "Flux2Pipeline"
     hub_models = ("black-forest-labs/FLUX.2-dev",)
+    planning_architectures = {
+        "black-forest-labs/FLUX.2-dev": {
+            "_class_name": "Flux2Transformer2DModel", "in_channels": 128, "num_layers": 8, "num_single_layers": 48,
+            "attention_head_dim": 128, "num_attention_heads": 48, "joint_attention_dim": 15360, "mlp_ratio": 3.0,
+            "guidance_embeds": True},
+    }
+    planning_block_counts = ("num_layers", "num_single_layers")
     default_components = "black-forest-labs/FLUX.2-dev"
     # Flux.2 loaders refuse alpha keys: the single file has diffusers names with the scale folded in.
     single_file_lora_prefix = "transformer."
@@ -81,6 +88,10 @@ class Flux2DevFamily(ModelFamily):
 
     def make_objective(self, components: Components, train: TrainSection) -> FlowMatchingObjective:
         return flux2_common.objective(components, train)
+
+    def planning_inputs(self, architecture: dict[str, Any], batch: int, height: int, width: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Conditioning]]:
+        return flux2_common.planning_inputs(architecture, batch, height, width, dtype, CAPTION_TOKENS)
 
     def predict(self, components: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 embeds: dict[str, torch.Tensor], conditioning: list[Conditioning], train: TrainSection) -> torch.Tensor:

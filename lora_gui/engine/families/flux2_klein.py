@@ -43,6 +43,14 @@ class Flux2KleinFamily(ModelFamily):
     size_multiple = 16  # VAE factor 8 times the 2x2 patchify
     pipeline_class_name = "Flux2KleinPipeline"
     hub_models = ("black-forest-labs/FLUX.2-klein-base-4B", "black-forest-labs/FLUX.2-klein-base-9B")
+    planning_architectures = {
+        repo: {"_class_name": "Flux2Transformer2DModel", "in_channels": 128, "num_layers": layers,
+               "num_single_layers": single, "attention_head_dim": 128, "num_attention_heads": heads,
+               "joint_attention_dim": joint, "mlp_ratio": 3.0, "guidance_embeds": False}
+        for size, layers, single, heads, joint in (("4B", 5, 20, 24, 7680), ("9B", 8, 24, 32, 12288))
+        for repo in (f"black-forest-labs/FLUX.2-klein-base-{size}", f"black-forest-labs/FLUX.2-klein-{size}")
+    }
+    planning_block_counts = ("num_layers", "num_single_layers")
     default_components = "black-forest-labs/FLUX.2-klein-base-4B"
     # Flux.2 loaders refuse alpha keys: the single file has diffusers names with the scale folded in.
     single_file_lora_prefix = "transformer."
@@ -80,6 +88,10 @@ class Flux2KleinFamily(ModelFamily):
 
     def make_objective(self, components: Components, train: TrainSection) -> FlowMatchingObjective:
         return flux2_common.objective(components, train)
+
+    def planning_inputs(self, architecture: dict[str, Any], batch: int, height: int, width: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Conditioning]]:
+        return flux2_common.planning_inputs(architecture, batch, height, width, dtype, CAPTION_TOKENS)
 
     def predict(self, components: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 embeds: dict[str, torch.Tensor], conditioning: list[Conditioning], train: TrainSection) -> torch.Tensor:

@@ -59,6 +59,12 @@ class QwenImageFamily(ModelFamily):
     size_multiple = 16  # VAE factor 8 times the 2x2 packing
     pipeline_class_name = "QwenImagePipeline"
     hub_models = ("Qwen/Qwen-Image", "Qwen/Qwen-Image-2512")
+    planning_architectures = {
+        repo: {"_class_name": "QwenImageTransformer2DModel", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+               "num_layers": 60, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584}
+        for repo in ("Qwen/Qwen-Image", "Qwen/Qwen-Image-2512")
+    }
+    planning_block_counts = ("num_layers",)
     default_components = "Qwen/Qwen-Image"
     # diffusers module names under ``diffusion_model.`` with an alpha per layer: ComfyUI maps them, and
     # diffusers' Qwen-Image loader converts them (folding the alpha in).
@@ -117,6 +123,12 @@ class QwenImageFamily(ModelFamily):
 
     def make_objective(self, components: Components, train: TrainSection) -> FlowMatchingObjective:
         return flow_matching_objective(components, train, patch=2)
+
+    def planning_inputs(self, architecture: dict[str, Any], batch: int, height: int, width: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Conditioning]]:
+        latents = torch.empty(batch, architecture.get("out_channels", 16), height // 8, width // 8, dtype=dtype)
+        embeds = torch.empty(batch, CAPTION_TOKENS, architecture["joint_attention_dim"], dtype=dtype)
+        return latents, {"prompt_embeds": embeds, "prompt_mask": torch.ones(batch, CAPTION_TOKENS, dtype=torch.long)}, []
 
     def predict(self, components: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 embeds: dict[str, torch.Tensor], conditioning: list[Conditioning], train: TrainSection) -> torch.Tensor:

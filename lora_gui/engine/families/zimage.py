@@ -56,6 +56,12 @@ class ZImageFamily(ModelFamily):
     size_multiple = 16  # VAE factor 8 times the transformer's 2x2 patches
     pipeline_class_name = "ZImagePipeline"
     hub_models = ("Tongyi-MAI/Z-Image", "Tongyi-MAI/Z-Image-Turbo")
+    planning_architectures = {
+        repo: {"_class_name": "ZImageTransformer2DModel", "in_channels": 16, "dim": 3840, "n_layers": 30,
+               "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "cap_feat_dim": 2560}
+        for repo in ("Tongyi-MAI/Z-Image", "Tongyi-MAI/Z-Image-Turbo")
+    }
+    planning_block_counts = ("n_layers",)
     default_components = "Tongyi-MAI/Z-Image"
     # The single LoRA file: diffusers module names under ``diffusion_model.`` with an alpha per layer, which
     # ComfyUI reads and diffusers converts (a ``transformer.`` prefix next to alphas loads nothing there).
@@ -104,12 +110,20 @@ class ZImageFamily(ModelFamily):
     def make_objective(self, components: Components, train: TrainSection) -> FlowMatchingObjective:
         return flow_matching_objective(components, train, patch=2)
 
+    def planning_inputs(self, architecture: dict[str, Any], batch: int, height: int, width: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Conditioning]]:
+        """Captions at the longest the pipeline reads, all tokens real (no mask: fake tensors have no values)."""
+        latents = torch.empty(batch, architecture.get("in_channels", 16), height // 8, width // 8, dtype=dtype)
+        return latents, {"prompt_embeds": torch.empty(batch, CAPTION_TOKENS, architecture["cap_feat_dim"],
+                                                      dtype=dtype)}, []
+
     def predict(self, components: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 embeds: dict[str, torch.Tensor], conditioning: list[Conditioning], train: TrainSection) -> torch.Tensor:
         dtype = components.weight_dtype
         frames = list(noisy_latents.to(dtype).unsqueeze(2).unbind(0))  # (C, 1, H, W) per image
-        captions = [hidden[mask.bool()] for hidden, mask in zip(embeds["prompt_embeds"].to(dtype),
-                                                                  embeds["prompt_mask"], strict=True)]
+        hidden = embeds["prompt_embeds"].to(dtype)
+        masks = embeds.get("prompt_mask")  # absent: every token is real (the memory planner's captions)
+        captions = list(hidden) if masks is None else [row[mask.bool()] for row, mask in zip(hidden, masks, strict=True)]
         output = components.denoiser(frames, ((1000 - timesteps) / 1000).to(dtype), captions, return_dict=False)[0]
         return -torch.stack(output).squeeze(2)
 

@@ -17,7 +17,7 @@ class LiveBytes(TorchDispatchMode):
     Tensors that exist before (weights, LoRA parameters) are counted with ``track``; ``track`` also
     moves a known storage to another category (a gradient created in the backward pass). Views share
     their base's storage and are counted once. ``peak`` is the most bytes live at one time and
-    ``peak_split`` the categories at that moment.
+    ``peak_split`` the categories at that moment; ``phase_peaks`` has both for each phase.
     """
 
     def __init__(self) -> None:
@@ -28,6 +28,7 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.peak_split: dict[str, int] = {}
         self.phase = "activations"
+        self.phase_peaks: dict[str, tuple[int, dict[str, int]]] = {}
         self._finalizers: list[weakref.ref] = []
 
     def track(self, tensor: torch.Tensor, category: str, move: bool = True) -> None:
@@ -44,8 +45,10 @@ class LiveBytes(TorchDispatchMode):
         self.live[category] += entry[1]
         self.total += entry[1]
         self._finalizers.append(weakref.ref(storage, lambda _, entry=entry: self._free(entry)))
-        if self.total > self.peak:
-            self.peak, self.peak_split = self.total, dict(self.live)
+        if self.total > self.phase_peaks.get(self.phase, (-1, None))[0]:
+            self.phase_peaks[self.phase] = (self.total, dict(self.live))
+            if self.total > self.peak:
+                self.peak, self.peak_split = self.total, self.phase_peaks[self.phase][1]
 
     def _free(self, entry: list) -> None:
         self.live[entry[0]] -= entry[1]

@@ -20,16 +20,34 @@ NOT_TRACED = (
 )
 
 
-def trace_training_step(config: TrainingConfig, cache_dir: str | None = None) -> MemoryPlan:
+CATEGORIES = ("weights", "LoRA", "gradients", "optimizer state", "activations", "backward")
+# Repeated blocks are traced at these counts and the rest follows linearly (see _extrapolated).
+BASE_BLOCKS = 1
+
+
+def trace_training_step(config: TrainingConfig, cache_dir: str | None = None, exact: bool = False) -> MemoryPlan:
     started = time.perf_counter()
     family = _family(config, cache_dir)
-    weight_dtype = DTYPES.get(config.model.weight_dtype, torch.bfloat16)  # auto: bf16 on a GPU
-    compute_dtype = DTYPES.get(config.train.mixed_precision, torch.bfloat16)
     architecture = denoiser_config(family, config.model, cache_dir)
-    denoiser = _adapted_denoiser(family, config, architecture, weight_dtype)
-    tracker = LiveBytes()
+    counts = {key: int(architecture[key]) for key in family.planning_block_counts
+              if int(architecture.get(key) or 0) > BASE_BLOCKS + 1}
+    phases = (trace_step(family, config, architecture) if exact or not counts
+              else _extrapolated(family, config, architecture, counts))
+    peak, split = max(phases.values(), key=lambda item: item[0])
+    notes = NOT_TRACED + (("the text encoders' LoRA (lora.train_text_encoder)",) if config.lora.train_text_encoder else ())
+    return MemoryPlan(family=family.name, resolution=config.dataset.resolution, batch_size=config.train.batch_size,
+                      peak_bytes=peak, split=split, seconds=time.perf_counter() - started, not_traced=notes)
+
+
+def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict) -> dict[str, tuple[int, dict]]:
+    """For each phase of one training step of this architecture (forward, backward, optimizer), the most
+    bytes live at once and their split at that moment."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    weight_dtype = DTYPES.get(config.model.weight_dtype, torch.bfloat16)  # auto: bf16 on a GPU
+    compute_dtype = DTYPES.get(config.train.mixed_precision, torch.bfloat16)
+    denoiser = _adapted_denoiser(family, config, architecture, weight_dtype)
+    tracker = LiveBytes()
     with FakeTensorMode(allow_non_fake_inputs=True):
         denoiser.to_empty(device="cpu")
         trainable = [p for p in denoiser.parameters() if p.requires_grad]
@@ -45,12 +63,27 @@ def trace_training_step(config: TrainingConfig, cache_dir: str | None = None) ->
                       for p in trainable]
             for state in states:
                 tracker.track(state, "optimizer state")
-    split = {name: tracker.peak_split.get(name, 0)
-             for name in ("weights", "LoRA", "gradients", "optimizer state", "activations", "backward")}
-    notes = NOT_TRACED + (("the text encoders' LoRA (lora.train_text_encoder)",) if config.lora.train_text_encoder else ())
-    return MemoryPlan(family=family.name, resolution=side, batch_size=config.train.batch_size,
-                      peak_bytes=tracker.peak, split=split,
-                      seconds=time.perf_counter() - started, not_traced=notes)
+    return {phase: (peak, {name: split.get(name, 0) for name in CATEGORIES})
+            for phase, (peak, split) in tracker.phase_peaks.items()}
+
+
+def _extrapolated(family: ModelFamily, config: TrainingConfig, architecture: dict,
+                  counts: dict[str, int]) -> dict[str, tuple[int, dict]]:
+    """A model with long stacks of identical blocks, traced with BASE_BLOCKS of each kind and with one more of
+    each kind in turn: what one more block adds to each phase's peak (its weights, LoRA, gradients, optimizer
+    state and saved activations) is added for every further block. Tests check it against whole-model traces."""
+    small = {key: BASE_BLOCKS for key in counts}
+    base = trace_step(family, config, {**architecture, **small})
+    phases = {phase: (peak, dict(split)) for phase, (peak, split) in base.items()}
+    for key, count in counts.items():
+        more = trace_step(family, config, {**architecture, **small, key: BASE_BLOCKS + 1})
+        for phase, (peak, split) in phases.items():
+            extra_peak, extra_split = more[phase]
+            base_peak, base_split = base[phase]
+            phases[phase] = (peak + (count - BASE_BLOCKS) * (extra_peak - base_peak),
+                             {name: split[name] + (count - BASE_BLOCKS) * (extra_split[name] - base_split[name])
+                              for name in CATEGORIES})
+    return phases
 
 
 def _family(config: TrainingConfig, cache_dir: str | None) -> ModelFamily:
