@@ -97,11 +97,16 @@ def run_gui(args) -> int:
 
 
 def run_presets(_args) -> int:
-    from lora_gui.config import list_presets, preset_description
+    from lora_gui.config import list_presets, preset_description, unavailable_presets
 
     for name in list_presets():
         summary = preset_description(name).get("summary", "")
         print(f"{name:24s} {summary}")
+    unavailable = unavailable_presets()
+    if unavailable:
+        print("\nTiers these families cannot fit (the memory planner's figures):")
+        for name, reason in unavailable.items():
+            print(f"{name:24s} {reason}")
     return EXIT_OK
 
 

@@ -309,18 +309,33 @@ def preset_path(name: str) -> Path:
         return candidate
     path = PRESETS_DIR / f"{name}.toml"
     if not path.is_file():
-        known = ", ".join(list_presets()) or "none"
+        known = ", ".join(_preset_files()) or "none"
         raise ConfigError(f"Unknown preset {name!r}. Known presets: {known}")
     return path
 
 
 def list_presets() -> list[str]:
+    """The presets that can be applied (not those of tiers a family cannot fit: ``unavailable_presets``)."""
+    unavailable = unavailable_presets()
+    return [name for name in _preset_files() if name not in unavailable]
+
+
+def unavailable_presets() -> dict[str, str]:
+    """Family tiers that cannot train on their card, each with the reason (``unavailable`` in its file)."""
+    reasons = {name: read_config_file(PRESETS_DIR / f"{name}.toml").get("preset", {}).get("unavailable")
+               for name in _preset_files()}
+    return {name: reason for name, reason in reasons.items() if reason}
+
+
+def _preset_files() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
 
 def load_preset(name: str) -> dict:
     data = read_config_file(preset_path(name))
-    data.pop("preset", None)  # descriptive table, not config
+    reason = data.pop("preset", {}).get("unavailable")  # the table describes the preset; it is not config
+    if reason:
+        raise ConfigError(f"Preset {name} does not fit its card: {reason}")
     return data
 
 

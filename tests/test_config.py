@@ -14,7 +14,9 @@ from lora_gui.config import (
     preset_description,
     read_config_file,
     save_config,
+    unavailable_presets,
 )
+from lora_gui.engine.families.registry import family_names
 
 
 def test_public_keys_exist_with_descriptions():
@@ -102,9 +104,14 @@ def test_invalid_file_syntax_is_explained(tmp_path):
 
 def test_every_preset_is_valid_and_sparse():
     names = list_presets()
-    for family in ("sd15", "sdxl", "flux"):
+    unavailable = unavailable_presets()
+    for family in family_names():  # every family has every tier: a preset, or the reason it cannot fit
         for tier in ("cpu-demo", "8gb", "12gb", "16gb", "24gb", "48gb"):
-            assert f"{family}-{tier}" in names
+            assert (f"{family}-{tier}" in names) != (f"{family}-{tier}" in unavailable), f"{family}-{tier}"
+    for name, reason in unavailable.items():
+        with pytest.raises(ConfigError, match="does not fit its card"):
+            build_config(preset=name)
+        assert "block swap" in reason
     for name in names:
         data = load_preset(name)
         config = build_config(preset=name)

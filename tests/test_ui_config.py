@@ -130,8 +130,9 @@ def test_preset_names_are_checked():
     for family, tier in (("sdxl", "13 GB"), ("../x", "8 GB"), (None, "8 GB")):
         with pytest.raises(ConfigError):
             P.preset_name(family, tier)
-    with pytest.raises(ConfigError, match=r"no 24 GB preset for qwen-image yet \(it has: qwen-image-cpu-demo\)"):
-        P.preset_name("qwen-image", "24 GB")
+    assert P.preset_name("qwen-image", "24 GB") == "qwen-image-24gb"
+    with pytest.raises(ConfigError, match=r"Qwen-Image \(20 B parameters\).*block swap.*lora-gui plan"):
+        P.preset_name("qwen-image", "8 GB")  # a tier the planner says it cannot fit
     with pytest.raises(ConfigError, match="pick one of those families"):
         P.preset_name("auto", "CPU demo")
 

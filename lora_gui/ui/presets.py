@@ -18,6 +18,7 @@ from lora_gui.config import (
     preset_description,
     read_config_file,
     save_config,
+    unavailable_presets,
     validate_config,
 )
 from lora_gui.ui.forms import config_to_values
@@ -57,6 +58,9 @@ def preset_name(family: Any, tier_label: Any) -> str:
     presets = list_presets()
     if name in presets:
         return name
+    reason = unavailable_presets().get(name)
+    if reason:
+        raise ConfigError(f"{reason} (The memory planner's figures: `lora-gui plan`.)")
     from lora_gui.engine.families.registry import family_names
 
     if family not in family_names():

@@ -36,6 +36,8 @@ class SDXLFamily(SD15Family):
             "projection_class_embeddings_input_dim": 2816,
         },
     }
+    # The lowest level's transformer depth (10), used by its down, middle and up blocks.
+    planning_block_counts = ("transformer_layers_per_block[2]",)
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:

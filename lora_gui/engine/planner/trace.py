@@ -29,8 +29,8 @@ def trace_training_step(config: TrainingConfig, cache_dir: str | None = None, ex
     started = time.perf_counter()
     family = _family(config, cache_dir)
     architecture = denoiser_config(family, config.model, cache_dir)
-    counts = {key: int(architecture[key]) for key in family.planning_block_counts
-              if int(architecture.get(key) or 0) > BASE_BLOCKS + 1}
+    counts = {key: count for key in family.planning_block_counts
+              if (count := block_count(architecture, key)) > BASE_BLOCKS + 1}
     phases = (trace_step(family, config, architecture) if exact or not counts
               else _extrapolated(family, config, architecture, counts))
     peak, split = max(phases.values(), key=lambda item: item[0])
@@ -72,11 +72,11 @@ def _extrapolated(family: ModelFamily, config: TrainingConfig, architecture: dic
     """A model with long stacks of identical blocks, traced with BASE_BLOCKS of each kind and with one more of
     each kind in turn: what one more block adds to each phase's peak (its weights, LoRA, gradients, optimizer
     state and saved activations) is added for every further block. Tests check it against whole-model traces."""
-    small = {key: BASE_BLOCKS for key in counts}
-    base = trace_step(family, config, {**architecture, **small})
+    small = with_block_counts(architecture, {key: BASE_BLOCKS for key in counts})
+    base = trace_step(family, config, small)
     phases = {phase: (peak, dict(split)) for phase, (peak, split) in base.items()}
     for key, count in counts.items():
-        more = trace_step(family, config, {**architecture, **small, key: BASE_BLOCKS + 1})
+        more = trace_step(family, config, with_block_counts(small, {key: BASE_BLOCKS + 1}))
         for phase, (peak, split) in phases.items():
             extra_peak, extra_split = more[phase]
             base_peak, base_split = base[phase]
@@ -84,6 +84,30 @@ def _extrapolated(family: ModelFamily, config: TrainingConfig, architecture: dic
                              {name: split[name] + (count - BASE_BLOCKS) * (extra_split[name] - base_split[name])
                               for name in CATEGORIES})
     return phases
+
+
+def block_count(architecture: dict, key: str) -> int:
+    """``architecture[key]``, or an entry of a list: ``"name[2]"`` (0 when absent or not a count)."""
+    name, _, index = key.partition("[")
+    value = architecture.get(name)
+    if index:
+        position = int(index.rstrip("]"))
+        value = value[position] if isinstance(value, list | tuple) and len(value) > position else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def with_block_counts(architecture: dict, counts: dict[str, int]) -> dict:
+    """A copy of the config with these counts (keys as in ``block_count``)."""
+    changed = dict(architecture)
+    for key, count in counts.items():
+        name, _, index = key.partition("[")
+        if index:
+            values = list(changed[name])
+            values[int(index.rstrip("]"))] = count
+            changed[name] = values
+        else:
+            changed[name] = count
+    return changed
 
 
 def _family(config: TrainingConfig, cache_dir: str | None) -> ModelFamily:
