@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="train from step 0 even if output.dir holds an earlier run (deletes its LoRA, "
                             "checkpoints, samples and metrics)")
+    train.add_argument("--no-plan", action="store_true",
+                       help="on a GPU, start even if the memory plan says the run does not fit")
 
     sample = commands.add_parser("sample", help="render images with a LoRA at one or more scales")
     sample.add_argument("--config", required=True, help="config file naming the base model and sample settings")
@@ -142,6 +144,14 @@ def run_train(args) -> int:
                   "again from step 0 with --overwrite (deletes its LoRA, checkpoints, samples and metrics), "
                   "or choose another output.dir.", file=sys.stderr)
             return EXIT_USAGE
+
+    if not args.no_plan:
+        from lora_gui.cli_plan import refuse_if_too_big
+
+        refusal = refuse_if_too_big(config)
+        if refusal:
+            print(refusal, file=sys.stderr)
+            return EXIT_FAILED
 
     from lora_gui.engine.errors import TrainingError
     from lora_gui.engine.train import train

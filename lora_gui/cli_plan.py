@@ -51,6 +51,28 @@ def run_plan(args) -> int:
     return EXIT_OK
 
 
+def refuse_if_too_big(config) -> str | None:
+    """Before ``train`` loads anything on a GPU: the reasons it cannot fit, or None (fits, no GPU, or no plan)."""
+    card = _gpu_gib()
+    if card is None or config.model.device == "cpu":
+        return None
+    from lora_gui.engine.planner import PlanError, plan_memory
+
+    print("Checking the memory plan (lora-gui plan) ...", file=sys.stderr, flush=True)
+    try:
+        plan = plan_memory(config)
+    except PlanError as exc:
+        print(f"Memory plan skipped: {exc}", file=sys.stderr)
+        return None
+    if plan.total_bytes <= card * 1024**3:
+        print(f"Memory plan: {plan.verdict(card)}.", file=sys.stderr)
+        return None
+    lines = "\n".join(f"  {line}" for line in plan.lines())
+    return (f"error: this run {plan.verdict(card)}.\n{lines}\nLower dataset.resolution or train.batch_size, "
+            "turn on train.gradient_checkpointing, set model.quantize (int8 or nf4), or pick a smaller preset "
+            "(`lora-gui presets`). To start anyway, add --no-plan.")
+
+
 def _gpu_gib() -> float | None:
     import torch
 

@@ -85,7 +85,7 @@ def test_cli_plan_prints_the_split_and_the_verdict(tmp_path, capsys):
     assert main(["plan", *tiny, "--set", "model.base=/nowhere/model"]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert main(["plan", "--preset", "flux-8gb"]) == 2  # a tier the family cannot fit
-    assert "block swap" in capsys.readouterr().err
+    assert "block swap" in capsys.readouterr().err.lower()
 
 
 def test_the_config_tab_shows_the_plan_and_the_verdict(tmp_path):
@@ -142,3 +142,22 @@ def test_a_unet_level_is_traced_a_block_deep_with_the_same_figures(tmp_path):
     architecture = {**denoiser_config(family, config.model), "transformer_layers_per_block": [1, 4]}
     key = "transformer_layers_per_block[1]"
     assert _extrapolated(family, config, architecture, {key: 4}) == trace_step(family, config, architecture)
+
+
+def test_train_refuses_a_run_its_gpu_cannot_fit_unless_told(tmp_path, monkeypatch, capsys):
+    from helpers import make_dataset
+
+    from lora_gui import cli_plan
+
+    dataset = make_dataset(tmp_path / "images")
+    args = ["train", "--preset", "sd15-cpu-demo", "--set", f"dataset.dir={dataset}", "--set", f"output.dir={tmp_path / 'out'}",
+            "--set", "train.max_steps=1", "--set", "sample.every=0", "--set", "output.save_every=0"]
+    monkeypatch.setattr(cli_plan, "_gpu_gib", lambda: 0.001)  # a GPU cannot exist here: this says there is a tiny one
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "more than a 0.001 GB card has" in err and "--no-plan" in err and "peak" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was loaded or written
+    assert main([*args, "--no-plan"]) == 0  # the run itself goes to the CPU: there is no real GPU
+    monkeypatch.setattr(cli_plan, "_gpu_gib", lambda: 24.0)
+    assert main([*args, "--overwrite"]) == 0
+    assert "Memory plan: fits a 24 GB card" in capsys.readouterr().err
