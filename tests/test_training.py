@@ -170,10 +170,19 @@ def test_missing_dataset_dir_is_explained(tmp_path):
 
 
 @pytest.mark.slow
-def test_quantized_base_trains_and_lora_loads_unquantized(dataset, tmp_path):
-    from lora_gui.engine.families.builtin import ensure_builtin
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantized_base_trains_and_lora_loads_unquantized(dataset, tmp_path, mode):
+    from diffusers import UNet2DConditionModel
 
-    result = train(tiny_config("sd15", dataset, tmp_path / "out", "model.quantize=int8", "train.max_steps=3"))
+    from lora_gui.engine.families.builtin import ensure_builtin
+    from lora_gui.engine.quantize import quantize_denoiser
+
+    unet = UNet2DConditionModel.from_pretrained(ensure_builtin("builtin:tiny-sd15") / "unet")
+    assert quantize_denoiser(unet, mode, torch.device("cpu")) > 0
+    stored = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    assert stored._data.dtype == {"int8": torch.int8, "fp8": torch.float8_e4m3fn}[mode]  # upcast per layer in use
+
+    result = train(tiny_config("sd15", dataset, tmp_path / "out", f"model.quantize={mode}", "train.max_steps=3"))
     pipe = load_pipeline("sd15", ensure_builtin("builtin:tiny-sd15"))
     pipe.load_lora_weights(result.lora_path)
     assert render(pipe, "sd15").shape == (64, 64, 3)
