@@ -71,6 +71,10 @@ class ModelSection(Section):
                             "validation prompts): int8 (optimum-quanto) or nf4 (bitsandbytes); saves memory on small "
                             "cards, the embeddings change slightly. Not with lora.train_text_encoder."
     )
+    block_swap: int = Field(
+        0, ge=0, le=200, description="Block swap: the frozen weights of the denoiser's last N transformer blocks stay "
+                                     "in system memory and visit the GPU one block at a time (slower; for models "
+                                     "larger than the card). Needs gradient checkpointing; not with quantize.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Where to train: auto picks CUDA, then Apple MPS, then CPU."
     )

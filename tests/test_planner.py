@@ -161,3 +161,14 @@ def test_train_refuses_a_run_its_gpu_cannot_fit_unless_told(tmp_path, monkeypatc
     monkeypatch.setattr(cli_plan, "_gpu_gib", lambda: 24.0)
     assert main([*args, "--overwrite"]) == 0
     assert "Memory plan: fits a 24 GB card" in capsys.readouterr().err
+
+
+def test_block_swap_moves_the_swapped_weights_out_of_the_gpu_plan(tmp_path):
+    common = ["model.base=builtin:tiny-zimage", "model.family=zimage", "train.gradient_checkpointing=true",
+              f"output.dir={tmp_path}"]
+    plain = plan_memory(build_config(preset="zimage-cpu-demo", overrides=common))
+    swapped = plan_memory(build_config(preset="zimage-cpu-demo", overrides=[*common, "model.block_swap=2"]))
+    offloaded = swapped.split["system memory (block swap)"]
+    assert offloaded > 0 and plain.split["system memory (block swap)"] == 0
+    assert swapped.split["weights"] == plain.split["weights"] - offloaded
+    assert any("Block swap keeps" in line for line in swapped.lines())

@@ -20,6 +20,8 @@ import torch
 from lora_gui.captioning import unload_all_captioners
 from lora_gui.config import TrainingConfig, save_config
 from lora_gui.engine import checkpoint as ckpt
+from lora_gui.engine.block_swap import BlockSwap, BlockSwapError, attach_block_swap, repeated_blocks
+from lora_gui.engine.block_swap import config_problem as block_swap_problem
 from lora_gui.engine.devices import (
     autocast_context,
     free_accelerator_memory,
@@ -182,6 +184,10 @@ class TrainingRun:
     def set_up(self, resume_from: str | Path | None, resume: tuple[dict, dict] | None) -> None:
         """Everything before the first step; a stop request ends it between units of work."""
         self.data = self.prepare_data()
+        problem = block_swap_problem(self.config.model.block_swap, self.config.train.gradient_checkpointing,
+                                     self.config.model.quantize)
+        if problem:
+            raise TrainingError(problem, "Change the setting named above, or set model.block_swap = 0.")
         self.placement = resolve_placement(self.config)
         unload_all_captioners()  # a captioning model must not hold accelerator memory while training
         self.check_stop()
@@ -311,7 +317,8 @@ class TrainingRun:
                 for encoder in comps.text_encoders:
                     self.offload(encoder)
         free_accelerator_memory()
-        comps.denoiser.to(device)
+        if self.config.model.block_swap <= 0:  # with block swap the denoiser moves once its LoRA is attached
+            comps.denoiser.to(device)
 
     def cache_latents(self) -> None:
         comps, device = self.components, self.placement.device
@@ -370,8 +377,24 @@ class TrainingRun:
         inject_lora(self.lora_modules, targets, lora)
         if self.config.train.gradient_checkpointing:
             self.enable_gradient_checkpointing()
+        self.block_swap = self.swap_blocks()
         for module in self.lora_modules.values():
             module.train()
+
+    def swap_blocks(self) -> BlockSwap | None:
+        """model.block_swap: the last blocks' frozen weights stay in system memory (see engine/block_swap.py)."""
+        model, denoiser = self.config.model, self.components.denoiser
+        try:
+            swap = attach_block_swap(denoiser, model.block_swap, self.placement.device,
+                                     self.config.train.gradient_checkpointing, model.quantize)
+        except BlockSwapError as exc:
+            raise TrainingError(str(exc), "Change the setting named above, or set model.block_swap = 0.") from None
+        if swap is not None:
+            stored = sum(t.numel() * t.element_size() for tensors in swap.stored.values() for t in tensors)
+            self.status(f"Block swap: the frozen weights of the last {model.block_swap} of "
+                        f"{len(repeated_blocks(denoiser))} blocks ({stored / 1024**3:.1f} GiB) stay in system "
+                        "memory and visit the accelerator one block at a time")
+        return swap
 
     def enable_gradient_checkpointing(self) -> None:
         for key, module in self.lora_modules.items():

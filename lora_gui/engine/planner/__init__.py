@@ -57,13 +57,17 @@ class MemoryPlan:
         return f"needs {need:.1f} GiB: {need - card_gib:.1f} GiB more than a {card_gib:g} GB card has"
 
     def lines(self) -> list[str]:
-        parts = ", ".join(f"{name} {size / GIB:.2f}" for name, size in self.split.items() if size)
+        parts = ", ".join(f"{name} {size / GIB:.2f}" for name, size in self.split.items()
+                          if size and not name.startswith("system memory"))
         lines = [
             f"Training step, {self.family} at {self.resolution} px, batch {self.batch_size}: "
             f"peak {self.peak_bytes / GIB:.2f} GiB traced ({parts} GiB)",
             f"+ {self.allowance_bytes / GIB:.2f} GiB allowance for the CUDA context and allocator (assumed, not traced)"
             f" = {self.total_bytes / GIB:.2f} GiB",
         ]
+        swapped = self.split.get("system memory (block swap)", 0)
+        if swapped:
+            lines.append(f"Block swap keeps {swapped / GIB:.2f} GiB of frozen weights in system memory")
         lines += [f"Not planned yet: {item}" for item in self.not_traced]
         lines.append(f"(traced in {self.seconds:.0f} s)")
         return lines

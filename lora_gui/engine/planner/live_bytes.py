@@ -20,8 +20,9 @@ class LiveBytes(TorchDispatchMode):
     ``peak_split`` the categories at that moment; ``phase_peaks`` has both for each phase.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, off_device: frozenset[str] = frozenset()) -> None:
         super().__init__()
+        self.off_device = off_device  # categories counted in ``live`` but not in ``total`` (system memory)
         self.entries = WeakIdKeyDictionary()  # storage -> [category, bytes]
         self.live: dict[str, int] = defaultdict(int)
         self.total = 0
@@ -43,7 +44,7 @@ class LiveBytes(TorchDispatchMode):
         entry = [category, storage.nbytes()]
         self.entries[storage] = entry
         self.live[category] += entry[1]
-        self.total += entry[1]
+        self.total += 0 if category in self.off_device else entry[1]
         self._finalizers.append(weakref.ref(storage, lambda _, entry=entry: self._free(entry)))
         if self.total > self.phase_peaks.get(self.phase, (-1, None))[0]:
             self.phase_peaks[self.phase] = (self.total, dict(self.live))
@@ -52,7 +53,7 @@ class LiveBytes(TorchDispatchMode):
 
     def _free(self, entry: list) -> None:
         self.live[entry[0]] -= entry[1]
-        self.total -= entry[1]
+        self.total -= 0 if entry[0] in self.off_device else entry[1]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))

@@ -20,7 +20,8 @@ NOT_TRACED = (
 )
 
 
-CATEGORIES = ("weights", "LoRA", "gradients", "optimizer state", "activations", "backward")
+SWAPPED = "system memory (block swap)"
+CATEGORIES = ("weights", "LoRA", "gradients", "optimizer state", "activations", "backward", SWAPPED)
 # Repeated blocks are traced at these counts and the rest follows linearly (see _extrapolated).
 BASE_BLOCKS = 1
 
@@ -31,8 +32,8 @@ def trace_training_step(config: TrainingConfig, cache_dir: str | None = None, ex
     architecture = denoiser_config(family, config.model, cache_dir)
     counts = {key: count for key in family.planning_block_counts
               if (count := block_count(architecture, key)) > BASE_BLOCKS + 1}
-    phases = (trace_step(family, config, architecture) if exact or not counts
-              else _extrapolated(family, config, architecture, counts))
+    whole = exact or not counts or config.model.block_swap > 0  # swapped blocks are the last ones: trace them all
+    phases = trace_step(family, config, architecture) if whole else _extrapolated(family, config, architecture, counts)
     peak, split = max(phases.values(), key=lambda item: item[0])
     notes = NOT_TRACED + (("the text encoders' LoRA (lora.train_text_encoder)",) if config.lora.train_text_encoder else ())
     return MemoryPlan(family=family.name, resolution=config.dataset.resolution, batch_size=config.train.batch_size,
@@ -47,13 +48,14 @@ def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict) 
     weight_dtype = DTYPES.get(config.model.weight_dtype, torch.bfloat16)  # auto: bf16 on a GPU
     compute_dtype = DTYPES.get(config.train.mixed_precision, torch.bfloat16)
     denoiser = _adapted_denoiser(family, config, architecture, weight_dtype)
-    tracker = LiveBytes()
+    tracker = LiveBytes(off_device=frozenset({SWAPPED}))
     with FakeTensorMode(allow_non_fake_inputs=True):
         denoiser.to_empty(device="cpu")
         trainable = [p for p in denoiser.parameters() if p.requires_grad]
-        _track_parameters(tracker, denoiser, trainable)
         if config.train.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
+        _swap_blocks(tracker, config, denoiser)
+        _track_parameters(tracker, denoiser, trainable)
         denoiser.train()
         side = config.dataset.resolution
         with tracker:
@@ -139,11 +141,25 @@ def _adapted_denoiser(family: ModelFamily, config: TrainingConfig, architecture:
     return denoiser
 
 
+def _swap_blocks(tracker: LiveBytes, config: TrainingConfig, denoiser: torch.nn.Module) -> None:
+    """model.block_swap as training does it; the swapped weights count in system memory, not on the GPU."""
+    from lora_gui.engine.block_swap import BlockSwapError, attach_block_swap
+
+    try:
+        swap = attach_block_swap(denoiser, config.model.block_swap, torch.device("cpu"),
+                                 config.train.gradient_checkpointing, config.model.quantize)
+    except BlockSwapError as exc:
+        raise PlanError(str(exc)) from None
+    for stored in (swap.stored.values() if swap else ()):
+        for tensor in stored:
+            tracker.track(tensor, SWAPPED)
+
+
 def _track_parameters(tracker: LiveBytes, denoiser: torch.nn.Module, trainable: list) -> None:
-    for parameter in denoiser.parameters():
-        tracker.track(parameter, "LoRA" if parameter.requires_grad else "weights")
+    for parameter in denoiser.parameters():  # swapped weights keep their category
+        tracker.track(parameter, "LoRA" if parameter.requires_grad else "weights", move=False)
     for buffer in denoiser.buffers():
-        tracker.track(buffer, "weights")
+        tracker.track(buffer, "weights", move=False)
     for parameter in trainable:
         parameter.register_post_accumulate_grad_hook(lambda p: tracker.track(p.grad, "gradients"))
 
