@@ -78,7 +78,7 @@ def test_cli_plan_prints_the_split_and_the_verdict(tmp_path, capsys):
     tiny = ["--preset", "sd15-cpu-demo", "--set", f"output.dir={tmp_path}"]
     assert main(["plan", *tiny, "--vram", "8"]) == 0
     out = capsys.readouterr().out
-    assert "peak" in out and "weights" in out and "fits a 8 GB card" in out and "allowance" in out
+    assert "peak" in out and "weights" in out and "fits a 8 GB card" in out and "Allowance" in out
     assert main(["plan", *tiny, "--vram", "0.001"]) == 0
     assert "more than a 0.001 GB card has" in capsys.readouterr().out
     assert main(["plan", *tiny, "--vram", "-3"]) == 2

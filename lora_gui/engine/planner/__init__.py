@@ -57,20 +57,24 @@ class MemoryPlan:
         return f"needs {need:.1f} GiB: {need - card_gib:.1f} GiB more than a {card_gib:g} GB card has"
 
     def lines(self) -> list[str]:
-        parts = ", ".join(f"{name} {size / GIB:.2f}" for name, size in self.split.items()
+        parts = ", ".join(f"{name} {size_text(size)}" for name, size in self.split.items()
                           if size and not name.startswith("system memory"))
         lines = [
             f"Training step, {self.family} at {self.resolution} px, batch {self.batch_size}: "
-            f"peak {self.peak_bytes / GIB:.2f} GiB traced ({parts} GiB)",
-            f"+ {self.allowance_bytes / GIB:.2f} GiB allowance for the CUDA context and allocator (assumed, not traced)"
-            f" = {self.total_bytes / GIB:.2f} GiB",
+            f"peak {size_text(self.peak_bytes)} traced ({parts})",
+            f"Allowance for the CUDA context and allocator (assumed, not traced): {size_text(self.allowance_bytes)}; "
+            f"total {size_text(self.total_bytes)}",
         ]
         swapped = self.split.get("system memory (block swap)", 0)
         if swapped:
-            lines.append(f"Block swap keeps {swapped / GIB:.2f} GiB of frozen weights in system memory")
+            lines.append(f"Block swap keeps {size_text(swapped)} of frozen weights in system memory")
         lines += [f"Not planned yet: {item}" for item in self.not_traced]
         lines.append(f"(traced in {self.seconds:.0f} s)")
         return lines
+
+
+def size_text(size: int) -> str:
+    return f"{size / GIB:.2f} GiB" if size >= GIB / 10 else f"{size / 1024**2:.1f} MiB"
 
 
 def plan_memory(config: TrainingConfig, cache_dir: str | None = None, exact: bool = False) -> MemoryPlan:
