@@ -60,6 +60,15 @@ class ModelSection(Section):
         None,
         description="For a single-file checkpoint: hub id or local folder providing the VAE, text encoders and configs.",
     )
+    text_encoder_files: list[str] = Field(
+        default_factory=list, max_length=2,
+        description="Text encoders as single .safetensors files (ComfyUI's models/text_encoders), one per text encoder "
+                    "in order (Flux.1: CLIP-L, then T5); their configs come from the base or model.components.",
+    )
+    vae_file: str | None = Field(
+        None, description="The VAE as a single .safetensors file (ComfyUI's models/vae, or diffusers' layout); its "
+                          "config comes from the base or model.components.",
+    )
     weight_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Precision of the frozen base weights (auto: bf16 on GPUs that support it, else fp32)."
     )
@@ -84,6 +93,22 @@ class ModelSection(Section):
         description="LoRA .safetensors files fused into the base before training, each 'path' or 'path:scale' "
                     "(a distilled model's training adapter, or a style to train on top of).",
     )
+
+    @field_validator("text_encoder_files")
+    @classmethod
+    def _text_encoder_files(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            _require_safetensors(entry)
+        return entries
+
+    @field_validator("vae_file")
+    @classmethod
+    def _vae_file(cls, entry: str | None) -> str | None:
+        if entry is not None and not entry.strip():
+            return None
+        if entry is not None:
+            _require_safetensors(entry)
+        return entry
 
     @field_validator("merge_loras")
     @classmethod
@@ -481,3 +506,8 @@ def save_config(config: TrainingConfig, path: str | Path, sparse: bool = False) 
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def _require_safetensors(path: str) -> None:
+    if not path.strip().lower().endswith((".safetensors", ".sft")):
+        raise ValueError(f"{_echo(path)} is not a .safetensors file")

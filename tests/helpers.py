@@ -134,3 +134,31 @@ def flux2_original_layout(state: dict) -> dict:
             name = name.replace(old, new)
         original[name] = tensor
     return original
+
+
+VAE_ATTENTION_NAMES = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+
+
+def _renamed(rest: str) -> str:
+    for new, old in VAE_ATTENTION_NAMES:
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def ldm_vae_key(key: str, blocks: int) -> str:
+    """A diffusers AutoencoderKL tensor name as the original (LDM, Black Forest Labs) release names it."""
+    coder, kind, *rest = key.split(".")
+    if kind in ("down_blocks", "up_blocks"):
+        down = kind == "down_blocks"
+        block = int(rest[0]) if down else blocks - 1 - int(rest[0])
+        name = "down" if down else "up"
+        if rest[1] in ("downsamplers", "upsamplers"):
+            return f"{coder}.{name}.{block}.{name}sample.conv.{'.'.join(rest[4:])}"
+        return f"{coder}.{name}.{block}.block.{rest[2]}.{'.'.join(rest[3:]).replace('conv_shortcut', 'nin_shortcut')}"
+    if kind == "mid_block":
+        tail = ".".join(rest[2:])
+        if rest[0] == "resnets":
+            return f"{coder}.mid.block_{int(rest[1]) + 1}.{tail.replace('conv_shortcut', 'nin_shortcut')}"
+        return f"{coder}.mid.attn_1.{_renamed(tail)}"
+    return f"{coder}.norm_out.{rest[0]}" if kind == "conv_norm_out" else key

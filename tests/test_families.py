@@ -8,13 +8,13 @@ single-file checkpoints are loaded for real.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import ldm_vae_key
 
 from lora_gui.config import FAMILIES as CONFIG_FAMILIES
 from lora_gui.config import ModelSection, TrainSection
@@ -314,7 +314,7 @@ def test_prompt_embeddings_match_the_diffusers_pipeline(case, loaded):
 def test_every_lora_preset_matches_layers_that_get_gradients(case, preset, loaded):
     family, components = loaded(case)
     targets = family.lora_targets(preset, components.denoiser)
-    adapted = dataclasses.replace(components, denoiser=with_lora(components.denoiser, targets))
+    adapted = components.replaced(denoiser=with_lora(components.denoiser, targets))
     prediction, _, _ = prediction_loss(family, adapted)
     prediction.float().pow(2).mean().backward()
     grads = lora_grads(adapted.denoiser)
@@ -326,7 +326,7 @@ def test_every_lora_preset_matches_layers_that_get_gradients(case, preset, loade
 def test_text_encoder_lora_receives_gradients_through_encode_prompts(case, loaded):
     family, components = loaded(case)
     encoders = [with_lora(encoder, family.text_encoder_lora_targets) for encoder in components.text_encoders]
-    prediction, _, _ = prediction_loss(family, dataclasses.replace(components, text_encoders=encoders))
+    prediction, _, _ = prediction_loss(family, components.replaced(text_encoders=encoders))
     prediction.float().pow(2).mean().backward()
     assert all(any(g.abs().sum() > 0 for g in lora_grads(encoder)) for encoder in encoders)
     assert not get_family("flux").supports_text_encoder_lora
@@ -407,7 +407,7 @@ def test_flux_packing_matches_the_pipeline():
 def test_pipeline_with_a_lora_renders_a_tiny_image(case, loaded):
     family, components = loaded(case)
     targets = family.lora_targets(next(iter(family.lora_target_presets)), components.denoiser)
-    pipe = family.build_pipeline(dataclasses.replace(components, denoiser=with_lora(components.denoiser, targets)))
+    pipe = family.build_pipeline(components.replaced(denoiser=with_lora(components.denoiser, targets)))
     image = pipe(prompt="a red square", num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0), **family.sample_kwargs(components)).images[0]
     assert image.size == (64, 64)
@@ -419,7 +419,6 @@ def test_pipeline_with_a_lora_renders_a_tiny_image(case, loaded):
 # diffusers' converter reads original (LDM) key names; this writes them from a tiny diffusers folder.
 _RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
            ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
-_VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 
@@ -452,23 +451,6 @@ def _ldm_unet_key(key: str, per_block: int, has_attention: set[int]) -> str:
     return f"{prefix}.{index}.0.{_rename(tail, _RESNET)}" if part == "resnets" else f"{prefix}.{index}.1.{tail}"
 
 
-def _ldm_vae_key(key: str, blocks: int) -> str:
-    coder, kind, *rest = key.split(".")
-    if kind in ("down_blocks", "up_blocks"):
-        down = kind == "down_blocks"
-        block = int(rest[0]) if down else blocks - 1 - int(rest[0])
-        name = "down" if down else "up"
-        if rest[1] in ("downsamplers", "upsamplers"):
-            return f"{coder}.{name}.{block}.{name}sample.conv.{'.'.join(rest[4:])}"
-        return f"{coder}.{name}.{block}.block.{rest[2]}.{'.'.join(rest[3:]).replace('conv_shortcut', 'nin_shortcut')}"
-    if kind == "mid_block":
-        tail = ".".join(rest[2:])
-        if rest[0] == "resnets":
-            return f"{coder}.mid.block_{int(rest[1]) + 1}.{tail.replace('conv_shortcut', 'nin_shortcut')}"
-        return f"{coder}.mid.attn_1.{_rename(tail, _VAE_ATTENTION)}"
-    return f"{coder}.norm_out.{rest[0]}" if kind == "conv_norm_out" else key
-
-
 def write_ldm_checkpoint(folder: Path, target: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
@@ -479,7 +461,7 @@ def write_ldm_checkpoint(folder: Path, target: Path) -> Path:
     blocks = len(json.loads((folder / "vae" / "config.json").read_text())["down_block_types"])
     clip = load_file(folder / "text_encoder" / "model.safetensors")
     merged = {f"model.diffusion_model.{_ldm_unet_key(k, per_block, has_attention)}": v for k, v in unet.items()}
-    merged.update({f"first_stage_model.{_ldm_vae_key(k, blocks)}": v for k, v in vae.items()})
+    merged.update({f"first_stage_model.{ldm_vae_key(k, blocks)}": v for k, v in vae.items()})
     merged.update({"cond_stage_model.transformer." + (k if k.startswith("text_model.") else f"text_model.{k}"): v
                    for k, v in clip.items()})
     save_file({k: v.contiguous() for k, v in merged.items()}, target)

@@ -31,6 +31,7 @@ def load_pipeline(config: TrainingConfig, emit=None):
     family = get_family(config.model.family)
     placement = resolve_placement(config)
     components = family.load(config.model, placement.device, placement.weight_dtype, emit or ignore_events)
+    components.ensure_denoiser()
     return family, components, family.build_pipeline(components)
 
 

@@ -40,6 +40,7 @@ def merge_loras(family: Any, components: Any, entries: list[str], emit: Emit) ->
     from lora_gui.engine.compare import check_lora_file
     from lora_gui.engine.lora_verify import verify_lora_file
 
+    components.ensure_denoiser()
     pipeline = family.build_pipeline(components)
     for index, text in enumerate(entries):
         entry = parse_merge_entry(text)

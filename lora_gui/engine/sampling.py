@@ -91,6 +91,7 @@ def moved(value: Any, device: torch.device) -> Any:
 
 def encode_sampling_prompts(family: ModelFamily, components: Components, settings: SampleSettings) -> dict:
     """Embeddings of every validation prompt, on the CPU, for ``render(..., encoded=...)``."""
+    components.ensure_text_encoders()
     pipeline = family.build_pipeline(components)
     return {
         prompt: {key: moved(value, torch.device("cpu")) for key, value in
@@ -113,6 +114,9 @@ def render(
     encoders are frozen); other prompts are encoded on the spot. ``between_steps`` runs after every
     denoising step (it may raise to abandon the images, for a prompt stop).
     """
+    components.ensure_denoiser()
+    if any(prompt not in (encoded or {}) for prompt in settings.prompts):
+        components.ensure_text_encoders()
     pipeline = family.build_pipeline(components)
     pipeline.set_progress_bar_config(disable=True)
     denoiser = components.denoiser

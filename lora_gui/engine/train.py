@@ -7,6 +7,7 @@ asked, then step until done, checking the controls at every step boundary.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -196,6 +197,8 @@ class TrainingRun:
         self.check_stop()
         self.resume_progress = resume[0] if resume is not None else {}
         self.fill_caches()
+        self.check_stop()
+        self.load_denoiser()
         self.attach_lora()
         self.build_optimization()
         self.cursor = DataCursor(self.data)
@@ -254,7 +257,8 @@ class TrainingRun:
         return data
 
     def load_model(self) -> None:
-        """Load the base model into CPU memory (quantizing the denoiser there if asked); the parts move to
+        """Load the text encoders and the VAE into CPU memory; the denoiser follows once the caches are full
+        (``load_denoiser``), so that system memory holds the large parts one after the other. The parts move to
         the accelerator as they are needed, so it never holds the encoders and the full model at once."""
         self.components = self.family.load(self.config.model, torch.device("cpu"), self.placement.weight_dtype,
                                            self.emit)
@@ -262,13 +266,26 @@ class TrainingRun:
         warning = self.family.distillation_warning(self.components)
         if warning:
             self.status(f"Warning: {warning}")
-        if self.config.model.merge_loras:  # before quantizing: fused weights must be full precision
+        if self.config.model.merge_loras:  # LoRAs may change the text encoders too: fused before caching
+            self.load_denoiser_weights()
             merge_loras(self.family, self.components, self.config.model.merge_loras, self.emit)
+        self.quantize_text_encoders()
+
+    def load_denoiser_weights(self):
+        if not self.components.denoiser_loaded:
+            self.status(f"Loading the {self.family.denoiser_key}")
+        return self.components.denoiser
+
+    def load_denoiser(self) -> None:
+        """The denoiser, quantized if asked (on the CPU, before it moves), on the accelerator."""
+        denoiser = self.load_denoiser_weights()
+        self.check_stop()
         mode = self.config.model.quantize
         if mode != "none":
-            count = quantize_denoiser(self.components.denoiser, mode, torch.device("cpu"))
+            count = quantize_denoiser(denoiser, mode, torch.device("cpu"))
             self.status(f"Quantized {count} layers of the {self.family.denoiser_key} to {mode}")
-        self.quantize_text_encoders()
+        if self.config.model.block_swap <= 0:  # with block swap the denoiser moves once its LoRA is attached
+            denoiser.to(self.placement.device)
 
     def quantize_text_encoders(self) -> None:
         mode = self.config.model.quantize_text_encoders
@@ -278,9 +295,16 @@ class TrainingRun:
             raise TrainingError("model.quantize_text_encoders cannot be used with lora.train_text_encoder.",
                                 "Set model.quantize_text_encoders = 'none' to train the text encoder, or turn "
                                 "lora.train_text_encoder off.")
-        count = sum(quantize_text_encoder(encoder, mode, torch.device("cpu"))
-                    for encoder in self.components.text_encoders)
+        count = quantized_text_encoders(self.components.text_encoders, mode)
         self.status(f"Quantized {count} layers of the text encoder(s) to {mode}")
+        load_again = self.components.text_encoder_loader
+        if load_again is not None:
+            def quantized_again() -> list:
+                encoders = load_again()
+                quantized_text_encoders(encoders, mode)
+                return encoders
+
+            self.components.text_encoder_loader = quantized_again
 
     def cache_dir(self) -> Path:
         return Path(self.config.dataset.cache_dir or self.output_dir / "cache")
@@ -289,8 +313,9 @@ class TrainingRun:
         model = self.config.model
         merged = f"|merged {model.merge_loras}" if model.merge_loras else ""
         quantized = f"|text encoders {model.quantize_text_encoders}" if model.quantize_text_encoders != "none" else ""
+        files = f"|files {model.text_encoder_files} {model.vae_file}" if model.text_encoder_files or model.vae_file else ""
         return (f"{model.family}|{model.base}|{model.revision}|{self.components.source}|{self.components.vae.dtype}"
-                f"{merged}{quantized}")
+                f"{merged}{quantized}{files}")
 
     def fill_caches(self) -> None:
         """Encode images and captions once; the VAE and text encoders then leave the accelerator and the
@@ -316,9 +341,18 @@ class TrainingRun:
                 self.sample_prompts = encode_sampling_prompts(self.family, comps, self.sample_settings())
                 for encoder in comps.text_encoders:
                     self.offload(encoder)
+                self.release_text_encoders()
         free_accelerator_memory()
-        if self.config.model.block_swap <= 0:  # with block swap the denoiser moves once its LoRA is attached
-            comps.denoiser.to(device)
+
+    def release_text_encoders(self) -> None:
+        """Every caption and validation prompt is encoded: the text encoders leave system memory before the
+        denoiser loads (they load again if a new prompt needs them). Fused LoRAs keep them, since a reload
+        would lose the fusion."""
+        if self.config.model.merge_loras or self.components.denoiser_loaded:
+            return
+        if self.components.release_text_encoders():
+            gc.collect()
+            self.status("Captions and validation prompts are cached: the text encoders leave memory until needed")
 
     def cache_latents(self) -> None:
         comps, device = self.components, self.placement.device
@@ -613,3 +647,8 @@ class TrainingRun:
         self.status(f"Finished: {kohya_path}")
         self.emit(Finished(step=self.step, lora_path=str(kohya_path), diffusers_path=str(diffusers_path)))
         return TrainResult(status="finished", step=self.step, lora_path=str(kohya_path), checkpoint=checkpoint)
+
+
+def quantized_text_encoders(encoders: list, mode: str) -> int:
+    """Quantize each text encoder on the CPU; the number of layers quantized."""
+    return sum(quantize_text_encoder(encoder, mode, torch.device("cpu")) for encoder in encoders)

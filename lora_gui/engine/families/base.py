@@ -7,9 +7,10 @@ a preset.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # heavy imports stay lazy
@@ -20,19 +21,92 @@ if TYPE_CHECKING:  # heavy imports stay lazy
     from lora_gui.events import Emit
 
 
-@dataclass
 class Components:
-    """A loaded base model: what a family needs to train and to sample."""
+    """A loaded base model: what a family needs to train and to sample.
 
-    denoiser: Any  # UNet2DConditionModel or FluxTransformer2DModel
-    vae: Any
-    text_encoders: list[Any]
-    tokenizers: list[Any]
-    scheduler: Any  # the model's own scheduler (noise schedule, sampling)
-    source: str  # resolved local folder or file the weights came from
-    device: Any = None  # torch.device
-    weight_dtype: Any = None  # torch.dtype of the frozen weights
-    extra: dict[str, Any] = field(default_factory=dict)
+    The denoiser may load on first use (``denoiser_loader``), so that the text encoders and the VAE fill the
+    caches before it takes up memory; the text encoders may be released once every caption is cached
+    (``release_text_encoders``) and load again, through ``text_encoder_loader``, when something needs them.
+    """
+
+    def __init__(self, denoiser: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any], scheduler: Any,
+                 source: str, device: Any = None, weight_dtype: Any = None, extra: dict[str, Any] | None = None,
+                 denoiser_loader: Callable[[], Any] | None = None,
+                 text_encoder_loader: Callable[[], list[Any]] | None = None) -> None:
+        self._denoiser = denoiser  # UNet2DConditionModel or a transformer
+        self.vae = vae
+        self._text_encoders: list[Any] | None = text_encoders
+        self.tokenizers = tokenizers
+        self.scheduler = scheduler  # the model's own scheduler (noise schedule, sampling)
+        self.source = source  # resolved local folder or file the weights came from
+        self.device = device  # torch.device
+        self.weight_dtype = weight_dtype  # torch.dtype of the frozen weights
+        self.extra = extra if extra is not None else {}
+        self.denoiser_loader = denoiser_loader
+        self.text_encoder_loader = text_encoder_loader
+
+    def replaced(self, **changes: Any) -> Components:
+        """A shallow copy with some parts replaced (a LoRA-wrapped denoiser, other text encoders)."""
+        clone = copy.copy(self)
+        for name, value in changes.items():
+            setattr(clone, name, value)
+        return clone
+
+    @property
+    def denoiser(self) -> Any:
+        if self._denoiser is None and self.denoiser_loader is not None:
+            self._denoiser, self.denoiser_loader = self.denoiser_loader(), None
+        return self._denoiser
+
+    @denoiser.setter
+    def denoiser(self, module: Any) -> None:
+        self._denoiser, self.denoiser_loader = module, None
+
+    @property
+    def denoiser_loaded(self) -> bool:
+        return self._denoiser is not None
+
+    def ensure_denoiser(self) -> Any:
+        """The denoiser, loaded first if it was not yet."""
+        return self.denoiser
+
+    def pipeline_denoiser(self) -> Any:
+        """The plain denoiser for a pipeline, or None while it is not loaded (a pipeline that only encodes
+        prompts does not need it)."""
+        from lora_gui.engine.families.common import unwrap
+
+        return unwrap(self._denoiser) if self._denoiser is not None else None
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        if self._text_encoders is None:
+            self._text_encoders = self.text_encoder_loader()
+        return self._text_encoders
+
+    @text_encoders.setter
+    def text_encoders(self, modules: list[Any]) -> None:
+        self._text_encoders = modules
+
+    @property
+    def text_encoders_loaded(self) -> bool:
+        return self._text_encoders is not None
+
+    def ensure_text_encoders(self) -> list[Any]:
+        """The text encoders, loaded again first if they were released."""
+        return self.text_encoders
+
+    def release_text_encoders(self) -> bool:
+        """Let the text encoders go from memory (they load again when used); False when they cannot come back."""
+        if self.text_encoder_loader is None:
+            return False
+        self._text_encoders = None
+        return True
+
+    def pipeline_text_encoder(self, index: int) -> Any:
+        """Text encoder ``index`` for a sampling pipeline, or None while released (prompts come encoded)."""
+        from lora_gui.engine.families.common import unwrap
+
+        return unwrap(self._text_encoders[index]) if self._text_encoders is not None else None
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lora_gui.engine.families.base import Components
-from lora_gui.engine.families.loading import place_frozen
+from lora_gui.engine.families.loading import LoadedPipeline, place_frozen
 
 if TYPE_CHECKING:
     from lora_gui.engine.families.base import ModelFamily
@@ -24,22 +24,34 @@ def without_checkpoint_prefix(name: str) -> str:
     return name
 
 
-def frozen_components(family: ModelFamily, pipe: Any, source: str, device: torch.device, dtype: torch.dtype,
+def frozen_components(family: ModelFamily, loaded: LoadedPipeline, device: torch.device, dtype: torch.dtype,
                       **extra: Any) -> Components:
-    """A loaded pipeline's parts, frozen and placed, under the names the family uses."""
+    """A loaded pipeline's parts, frozen and placed, under the names the family uses; a denoiser the pipeline was
+    loaded without comes on first use."""
+    pipe = loaded.pipe
     encoders = [place_frozen(getattr(pipe, key), device, dtype) for key in family.text_encoder_keys]
     tokenizers = [getattr(pipe, key.replace("text_encoder", "tokenizer")) for key in family.text_encoder_keys]
+    denoiser = getattr(pipe, family.denoiser_key)
+    load_denoiser, load_encoders = loaded.load_denoiser, loaded.load_text_encoders
     return Components(
-        denoiser=place_frozen(getattr(pipe, family.denoiser_key), device, dtype),
+        denoiser=place_frozen(denoiser, device, dtype) if denoiser is not None else None,
         vae=place_frozen(pipe.vae, device, dtype),
         text_encoders=encoders,
         tokenizers=tokenizers,
         scheduler=pipe.scheduler,
-        source=source,
+        source=loaded.source,
         device=device,
         weight_dtype=dtype,
         extra=extra,
+        denoiser_loader=(lambda: place_frozen(load_denoiser(), device, dtype)) if denoiser is None else None,
+        text_encoder_loader=(lambda: _placed_encoders(family, load_encoders(), device, dtype))
+        if load_encoders else None,
     )
+
+
+def _placed_encoders(family: ModelFamily, encoders: dict[str, Any], device: torch.device,
+                     dtype: torch.dtype) -> list[Any]:
+    return [place_frozen(encoders[key], device, dtype) for key in family.text_encoder_keys]
 
 
 def clip_input_ids(tokenizer: Any, captions: list[str], encoder: Any) -> torch.Tensor:

@@ -85,14 +85,14 @@ class FluxFamily(ModelFamily):
     def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
         source = resolve_source(model.base, model.cache_dir)
         schnell_file = source.kind == "single_file" and not single_file_has_guidance(source.location)
-        pipe, location = load_pipeline(
-            model, FluxPipeline, dtype, emit, source=source,
+        loaded = load_pipeline(
+            model, FluxPipeline, dtype, emit, source=source, denoiser_key=self.denoiser_key,
             default_components=FLUX_SCHNELL if schnell_file else FLUX_DEV,
             single_file_part=("transformer", FluxTransformer2DModel),
         )
-        variant = "dev" if pipe.transformer.config.guidance_embeds else "schnell"
-        tokens = max_sequence_length(model.base, variant, pipe.tokenizer_2)
-        return frozen_components(self, pipe, location, device, dtype, variant=variant, max_sequence_length=tokens)
+        variant = "dev" if loaded.denoiser_config().get("guidance_embeds") else "schnell"
+        tokens = max_sequence_length(model.base, variant, loaded.pipe.tokenizer_2)
+        return frozen_components(self, loaded, device, dtype, variant=variant, max_sequence_length=tokens)
 
     def lora_targets(self, preset: str, denoiser: Any = None) -> list[str]:
         """Block-indexed presets (tiny, nano) are moved to the same relative depth in a smaller model."""
@@ -126,7 +126,7 @@ class FluxFamily(ModelFamily):
         return encode_vae_latents(components.vae, pixels).to(components.weight_dtype)
 
     def distillation_warning(self, components: Components) -> str | None:
-        if unwrap(components.denoiser).config.guidance_embeds:
+        if components.extra.get("variant") != "schnell":
             return None
         return ("this base is step-distilled (like FLUX.1-schnell): a LoRA trained on it directly tends to wear "
                 "its few-step sampling down. Train on a base model (FLUX.1-dev), or fuse a training adapter for "
@@ -167,11 +167,11 @@ class FluxFamily(ModelFamily):
         pipe = FluxPipeline(
             scheduler=fresh_scheduler(components.scheduler),
             vae=components.vae,
-            text_encoder=unwrap(components.text_encoders[0]),
+            text_encoder=components.pipeline_text_encoder(0),
             tokenizer=components.tokenizers[0],
-            text_encoder_2=unwrap(components.text_encoders[1]),
+            text_encoder_2=components.pipeline_text_encoder(1),
             tokenizer_2=components.tokenizers[1],
-            transformer=unwrap(components.denoiser),
+            transformer=components.pipeline_denoiser(),
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe

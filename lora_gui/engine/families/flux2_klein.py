@@ -18,7 +18,7 @@ from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from lora_gui.engine.families import flux2_common
 from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.builtin import is_builtin
-from lora_gui.engine.families.common import fresh_scheduler, frozen_components, unwrap
+from lora_gui.engine.families.common import fresh_scheduler, frozen_components
 from lora_gui.engine.families.loading import load_pipeline
 from lora_gui.engine.objectives import FlowMatchingObjective
 
@@ -68,12 +68,13 @@ class Flux2KleinFamily(ModelFamily):
         return flux2_common.fitted_targets(super().lora_targets(preset, denoiser), denoiser)
 
     def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
-        pipe, source = load_pipeline(model, Flux2KleinPipeline, dtype, emit, default_components=self.default_components,
-                                     single_file_part=("transformer", Flux2Transformer2DModel),
-                                     strip_prefix="model.diffusion_model.")
+        loaded = load_pipeline(model, Flux2KleinPipeline, dtype, emit, denoiser_key=self.denoiser_key,
+                               default_components=self.default_components,
+                               single_file_part=("transformer", Flux2Transformer2DModel),
+                               strip_prefix="model.diffusion_model.")
         tokens = BUILTIN_CAPTION_TOKENS if is_builtin(model.base) else CAPTION_TOKENS
-        return frozen_components(self, pipe, source, device, dtype, max_sequence_length=tokens,
-                                 is_distilled=bool(pipe.config.get("is_distilled", False)))
+        return frozen_components(self, loaded, device, dtype, max_sequence_length=tokens,
+                                 is_distilled=bool(loaded.pipe.config.get("is_distilled", False)))
 
     def encode_prompts(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         encoder = components.text_encoders[0]
@@ -111,9 +112,9 @@ class Flux2KleinFamily(ModelFamily):
         pipe = Flux2KleinPipeline(
             scheduler=fresh_scheduler(components.scheduler),
             vae=components.vae,
-            text_encoder=unwrap(components.text_encoders[0]),
+            text_encoder=components.pipeline_text_encoder(0),
             tokenizer=components.tokenizers[0],
-            transformer=unwrap(components.denoiser),
+            transformer=components.pipeline_denoiser(),
             is_distilled=components.extra["is_distilled"],
         )
         pipe.set_progress_bar_config(disable=True)

@@ -12,7 +12,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +112,28 @@ def _looks_like_path(text: str) -> bool:
 # ----------------------------------------------------------------------------- loading
 
 
+@dataclass
+class LoadedPipeline:
+    """A base model's pipeline, where its weights came from, and how to load the parts kept out of memory.
+
+    ``load_denoiser`` is set when the pipeline was loaded without its denoiser (it comes last, after the
+    caches, so that system memory holds the text encoders and the denoiser one after the other);
+    ``load_text_encoders`` loads the text encoders again after they were released.
+    """
+
+    pipe: Any
+    source: str
+    config_folder: Path
+    denoiser_key: str | None = None
+    load_denoiser: Callable[[], Any] | None = None
+    load_text_encoders: Callable[[], dict[str, Any]] | None = None
+
+    def denoiser_config(self) -> dict[str, Any]:
+        if self.load_denoiser is None:
+            return dict(getattr(self.pipe, self.denoiser_key).config)
+        return json.loads((self.config_folder / self.denoiser_key / "config.json").read_text(encoding="utf-8"))
+
+
 def load_pipeline(
     model: ModelSection,
     pipeline_class: type,
@@ -119,13 +141,16 @@ def load_pipeline(
     emit: Emit,
     *,
     default_components: str,
+    denoiser_key: str | None = None,
     single_file_part: tuple[str, type] | None = None,
     source: ModelSource | None = None,
     text_only_tokenizers: tuple[str, ...] = (),
     strip_prefix: str | None = None,
     **overrides: Any,
-) -> tuple[Any, str]:
-    """Load ``model.base`` as ``pipeline_class``; returns the pipeline and where its weights came from.
+) -> LoadedPipeline:
+    """Load ``model.base`` as ``pipeline_class``, without the part named ``denoiser_key`` where the source allows
+    (the result's ``load_denoiser`` loads it); ``model.text_encoder_files`` and ``model.vae_file`` replace
+    those parts.
 
     ``single_file_part`` = (attribute, model class) means a single file holds only that part
     (Flux's transformer); the rest then comes from ``model.components``. ``text_only_tokenizers`` names
@@ -134,24 +159,116 @@ def load_pipeline(
     """
     source = source or resolve_source(model.base, model.cache_dir)
     emit(Status(f"Loading base model {model.base}"))
-    if source.kind == "hub":
-        folder = download_snapshot(source.location, model.revision, model.cache_dir, emit)
-        return _with_text_tokenizers(pipeline_class, folder, dtype, overrides, text_only_tokenizers), str(folder)
-    if source.kind == "folder":
-        folder = Path(source.location)
-        return _with_text_tokenizers(pipeline_class, folder, dtype, overrides, text_only_tokenizers), source.location
+    if source.kind in ("hub", "folder"):
+        folder = (download_snapshot(source.location, model.revision, model.cache_dir, emit,
+                                    skip=[*SKIPPED_PATTERNS, *_file_replaced_patterns(model)])
+                  if source.kind == "hub" else Path(source.location))
+        deferred = {denoiser_key: None} if denoiser_key else {}
+        parts = component_files(model, folder, dtype, emit)
+        pipe = _with_text_tokenizers(pipeline_class, folder, dtype, {**overrides, **deferred, **parts},
+                                     text_only_tokenizers)
+        load_denoiser = (lambda: _denoiser_from_folder(folder, denoiser_key, dtype)) if denoiser_key else None
+        return LoadedPipeline(pipe, str(folder) if source.kind == "hub" else source.location, folder, denoiser_key,
+                              load_denoiser, lambda: text_encoders_from(model, folder, dtype, emit))
     spec = model.components or default_components
     if single_file_part is None:
         with _explain_components(spec, "its configs and tokenizers"):
             config = components_folder(spec, model.cache_dir, emit, CONFIG_PATTERNS, SKIPPED_PATTERNS)
-        return _from_single_file(pipeline_class, source.location, config, dtype, overrides), source.location
+        parts = component_files(model, config, dtype, emit)
+        pipe = _from_single_file(pipeline_class, source.location, config, dtype, {**overrides, **parts})
+        return LoadedPipeline(pipe, source.location, config, denoiser_key)
     name, part_class = single_file_part
-    skipped = [*SKIPPED_PATTERNS, f"{name}/*.safetensors"]
+    refuse_scaled_fp8(source.location, _tensor_names(source.location))  # before anything loads
+    skipped = [*SKIPPED_PATTERNS, f"{name}/*.safetensors", *_file_replaced_patterns(model)]
     with _explain_components(spec, f"everything but the {name} (VAE, text encoders, configs)"):
         config = components_folder(spec, model.cache_dir, emit, WEIGHT_PATTERNS, skipped)
-    part = _from_single_file(part_class, source.location, config, dtype, {"subfolder": name}, strip_prefix)
-    pipe = _with_text_tokenizers(pipeline_class, config, dtype, {**overrides, name: part}, text_only_tokenizers)
-    return pipe, source.location
+    parts = component_files(model, config, dtype, emit)
+    pipe = _with_text_tokenizers(pipeline_class, config, dtype, {**overrides, name: None, **parts},
+                                 text_only_tokenizers)
+
+    def load_part() -> Any:
+        emit(Status(f"Loading the {name} from {source.location}"))
+        return _from_single_file(part_class, source.location, config, dtype, {"subfolder": name}, strip_prefix)
+
+    return LoadedPipeline(pipe, source.location, config, name, load_part,
+                          lambda: text_encoders_from(model, config, dtype, emit))
+
+
+def _file_replaced_patterns(model: ModelSection) -> list[str]:
+    """Download patterns of the parts that ``model.text_encoder_files`` / ``model.vae_file`` replace."""
+    keys = ["text_encoder", "text_encoder_2"][:len(model.text_encoder_files)]
+    if model.vae_file:
+        keys.append("vae")
+    return [f"{key}/*.safetensors" for key in keys]
+
+
+def text_encoder_keys(folder: Path) -> list[str]:
+    """The pipeline's text-encoder parts in order (text_encoder, text_encoder_2)."""
+    return sorted(key for key, value in _model_index(folder).items()
+                  if key.startswith("text_encoder") and isinstance(value, list) and value[0] is not None)
+
+
+def _model_index(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder}/model_index.json is missing or unreadable ({exc}). Use a complete diffusers "
+                             "model folder.") from exc
+
+
+def _part_class(folder: Path, key: str) -> type:
+    import importlib
+
+    library, class_name = _model_index(folder)[key][:2]
+    return getattr(importlib.import_module(library), class_name)
+
+
+def component_files(model: ModelSection, folder: Path, dtype: torch.dtype, emit: Emit) -> dict[str, Any]:
+    """The parts that ``model.text_encoder_files`` and ``model.vae_file`` give, loaded with ``folder``'s configs."""
+    from lora_gui.engine.families.component_files import load_text_encoder_file, load_vae_file
+
+    keys = text_encoder_keys(folder)
+    if len(model.text_encoder_files) > len(keys):
+        raise ModelLoadError(f"model.text_encoder_files names {len(model.text_encoder_files)} files, but this model "
+                             f"has {len(keys)} text encoder(s) ({', '.join(keys) or 'none'}). Give one file per text "
+                             "encoder, in that order.")
+    parts: dict[str, Any] = {}
+    for key, path in zip(keys, model.text_encoder_files, strict=False):
+        emit(Status(f"Loading the {key.replace('_', ' ')} from {path}"))
+        parts[key] = load_text_encoder_file(path, _part_class(folder, key), folder / key, dtype)
+    if model.vae_file:
+        emit(Status(f"Loading the VAE from {model.vae_file}"))
+        parts["vae"] = load_vae_file(model.vae_file, _part_class(folder, "vae"), folder / "vae", dtype)
+    return parts
+
+
+def text_encoders_from(model: ModelSection, folder: Path, dtype: torch.dtype, emit: Emit) -> dict[str, Any]:
+    """The text encoders alone, from their files or the folder (to load them again after they were released)."""
+    from lora_gui.engine.families.component_files import load_text_encoder_file
+
+    encoders = {}
+    for index, key in enumerate(text_encoder_keys(folder)):
+        emit(Status(f"Loading the {key.replace('_', ' ')} again"))
+        model_class = _part_class(folder, key)
+        if index < len(model.text_encoder_files):
+            encoders[key] = load_text_encoder_file(model.text_encoder_files[index], model_class, folder / key, dtype)
+        else:
+            encoders[key] = _load_part(model_class, folder / key, dtype, "dtype")
+    return encoders
+
+
+def _denoiser_from_folder(folder: Path, key: str, dtype: torch.dtype) -> Any:
+    return _load_part(_part_class(folder, key), folder / key, dtype, next(iter(_dtype_kwarg(dtype))))
+
+
+def _load_part(model_class: type, folder: Path, dtype: torch.dtype, dtype_name: str) -> Any:
+    try:
+        return model_class.from_pretrained(str(folder), **{dtype_name: dtype})
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"Could not load {folder} as a {model_class.__name__}: {type(exc).__name__}: {exc}. "
+                             "Check that the model folder is complete.") from exc
 
 
 def _with_text_tokenizers(pipeline_class: type, folder: Path, dtype: torch.dtype, overrides: dict,

@@ -24,7 +24,6 @@ from lora_gui.engine.families.common import (
     fresh_scheduler,
     frozen_components,
     linear_layers,
-    unwrap,
     without_checkpoint_prefix,
 )
 from lora_gui.engine.families.loading import load_pipeline
@@ -89,13 +88,14 @@ class QwenImageFamily(ModelFamily):
         return fitted + linear_layers(denoiser, "transformer_blocks.", MODULATION)
 
     def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
-        pipe, source = load_pipeline(model, QwenImagePipeline, dtype, emit, default_components=self.default_components,
-                                     single_file_part=("transformer", QwenImageTransformer2DModel),
-                                     strip_prefix="model.diffusion_model.")
+        loaded = load_pipeline(model, QwenImagePipeline, dtype, emit, denoiser_key=self.denoiser_key,
+                               default_components=self.default_components,
+                               single_file_part=("transformer", QwenImageTransformer2DModel),
+                               strip_prefix="model.diffusion_model.")
         tokens = BUILTIN_CAPTION_TOKENS if is_builtin(model.base) else CAPTION_TOKENS
-        return frozen_components(self, pipe, source, device, dtype, max_sequence_length=tokens,
-                                 template=pipe.prompt_template_encode,
-                                 template_tokens=pipe.prompt_template_encode_start_idx)
+        return frozen_components(self, loaded, device, dtype, max_sequence_length=tokens,
+                                 template=loaded.pipe.prompt_template_encode,
+                                 template_tokens=loaded.pipe.prompt_template_encode_start_idx)
 
     def encode_prompts(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         """The last hidden state after the template's prefix, padded to a fixed length (zeros) with its mask."""
@@ -166,9 +166,9 @@ class QwenImageFamily(ModelFamily):
         pipe = QwenImagePipeline(
             scheduler=fresh_scheduler(components.scheduler),
             vae=components.vae,
-            text_encoder=unwrap(components.text_encoders[0]),
+            text_encoder=components.pipeline_text_encoder(0),
             tokenizer=components.tokenizers[0],
-            transformer=unwrap(components.denoiser),
+            transformer=components.pipeline_denoiser(),
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe

@@ -15,7 +15,6 @@ from lora_gui.engine.families.common import (
     encode_vae_latents,
     fresh_scheduler,
     frozen_components,
-    unwrap,
 )
 from lora_gui.engine.families.loading import load_pipeline
 from lora_gui.engine.objectives import DiffusionObjective
@@ -74,9 +73,9 @@ class SD15Family(ModelFamily):
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
-        pipe, source = load_pipeline(model, self.pipeline_class(), dtype, emit,
+        loaded = load_pipeline(model, self.pipeline_class(), dtype, emit, denoiser_key=self.denoiser_key,
                                      default_components=self.default_components, **self._load_overrides())
-        return frozen_components(self, pipe, source, device, dtype)
+        return frozen_components(self, loaded, device, dtype)
 
     def encode_prompts(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         encoder = components.text_encoders[0]
@@ -117,9 +116,9 @@ class SD15Family(ModelFamily):
     def build_pipeline(self, components: Components) -> Any:
         pipe = StableDiffusionPipeline(
             vae=components.vae,
-            text_encoder=unwrap(components.text_encoders[0]),
+            text_encoder=components.pipeline_text_encoder(0),
             tokenizer=components.tokenizers[0],
-            unet=unwrap(components.denoiser),
+            unet=components.pipeline_denoiser(),
             scheduler=fresh_scheduler(components.scheduler),
             safety_checker=None,
             feature_extractor=None,

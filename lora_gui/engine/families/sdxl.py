@@ -10,7 +10,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from lora_gui.engine.families.base import Components, Conditioning
 from lora_gui.engine.families.checkpoint_names import has_ldm_unet, has_sdxl_embeddings
-from lora_gui.engine.families.common import clip_input_ids, fresh_scheduler, unwrap
+from lora_gui.engine.families.common import clip_input_ids, fresh_scheduler
 from lora_gui.engine.families.sd15 import SD15Family
 
 if TYPE_CHECKING:
@@ -92,11 +92,11 @@ class SDXLFamily(SD15Family):
     def build_pipeline(self, components: Components) -> Any:
         pipe = StableDiffusionXLPipeline(
             vae=components.vae,
-            text_encoder=unwrap(components.text_encoders[0]),
-            text_encoder_2=unwrap(components.text_encoders[1]),
+            text_encoder=components.pipeline_text_encoder(0),
+            text_encoder_2=components.pipeline_text_encoder(1),
             tokenizer=components.tokenizers[0],
             tokenizer_2=components.tokenizers[1],
-            unet=unwrap(components.denoiser),
+            unet=components.pipeline_denoiser(),
             scheduler=fresh_scheduler(components.scheduler),
         )
         pipe.set_progress_bar_config(disable=True)

@@ -23,7 +23,6 @@ from lora_gui.engine.families.common import (
     fresh_scheduler,
     frozen_components,
     linear_layers,
-    unwrap,
     without_checkpoint_prefix,
 )
 from lora_gui.engine.families.loading import load_pipeline
@@ -86,10 +85,11 @@ class ZImageFamily(ModelFamily):
         return fitted + linear_layers(denoiser, "", "adaLN_modulation.0")
 
     def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
-        pipe, source = load_pipeline(model, ZImagePipeline, dtype, emit, default_components=self.default_components,
-                                     single_file_part=("transformer", ZImageTransformer2DModel))
+        loaded = load_pipeline(model, ZImagePipeline, dtype, emit, denoiser_key=self.denoiser_key,
+                               default_components=self.default_components,
+                               single_file_part=("transformer", ZImageTransformer2DModel))
         tokens = BUILTIN_CAPTION_TOKENS if is_builtin(model.base) else CAPTION_TOKENS
-        return frozen_components(self, pipe, source, device, dtype, max_sequence_length=tokens)
+        return frozen_components(self, loaded, device, dtype, max_sequence_length=tokens)
 
     def encode_prompts(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         """The second-to-last hidden state of every caption token, padded to a fixed length, with its mask."""
@@ -143,9 +143,9 @@ class ZImageFamily(ModelFamily):
         pipe = ZImagePipeline(
             scheduler=fresh_scheduler(components.scheduler),
             vae=components.vae,
-            text_encoder=unwrap(components.text_encoders[0]),
+            text_encoder=components.pipeline_text_encoder(0),
             tokenizer=components.tokenizers[0],
-            transformer=unwrap(components.denoiser),
+            transformer=components.pipeline_denoiser(),
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
