@@ -26,7 +26,9 @@ def non_default(spec: forms.FieldSpec):
     special = {"model.family": "sdxl", "model.base": "someone/my-sdxl", "lora.targets": "attn",
                "model.cache_dir": "cache/models", "dataset.dir": "datasets/cats", "dataset.cache_dir": "cache/x",
                "output.dir": "outputs/run1", "output.name": "run1", "dataset.caption_extension": ".caption",
-               "model.merge_loras": ["models/style.safetensors:0.5", "models/adapter.safetensors"]}
+               "model.merge_loras": ["models/style.safetensors:0.5", "models/adapter.safetensors"],
+               "model.text_encoder_files": ["models/clip_l.safetensors", "models/t5xxl.safetensors"],
+               "model.vae_file": "models/ae.safetensors"}
     if spec.key in special:
         return special[spec.key]
     if spec.kind == "dropdown":
@@ -89,6 +91,9 @@ def test_optional_fields_empty_means_none_and_defaults(workspace):
     ("output.dir", "datasets/oops", "not inside"),
     ("model.base", "/etc/model.safetensors", "outside the workspace"),
     ("model.cache_dir", "../../cache", "outside the workspace"),
+    ("model.vae_file", "/etc/ae.safetensors", "outside the workspace"),
+    ("model.text_encoder_files", "models/te.safetensors\n../../te.safetensors", "outside the workspace"),
+    ("model.vae_file", "models/ae.ckpt", "not a .safetensors file"),
     ("lora.rank", None, "enter a number"),
     ("lora.rank", 0, "lora.rank"),
     ("train.optimizer", "sgd", "train.optimizer"),

@@ -20,7 +20,7 @@ SECTION_TITLES = {"model": "Model", "dataset": "Dataset", "lora": "LoRA", "train
                   "output": "Output", "sample": "Validation images"}
 # Folded under "Advanced" in each section: rarely changed, or only for experts.
 ADVANCED = {
-    "model.revision", "model.components", "model.weight_dtype", "model.device", "model.cache_dir",
+    "model.revision", "model.components", "model.text_encoder_files", "model.vae_file", "model.weight_dtype", "model.device", "model.cache_dir",
     "dataset.bucket_step", "dataset.caption_extension", "dataset.keep_tokens", "dataset.cache_latents",
     "dataset.cache_text", "dataset.cache_dir", "dataset.num_workers",
     "lora.dropout", "lora.init", "lora.text_encoder_lr",
@@ -31,7 +31,8 @@ ADVANCED = {
     "sample.negative_prompt", "sample.seed", "sample.width", "sample.height",
 }
 LABELS = {
-    "model.base": "Base model", "model.weight_dtype": "Weight precision", "model.cache_dir": "Model cache folder",
+    "model.base": "Base model", "model.text_encoder_files": "Text encoder files (one per line)",
+    "model.vae_file": "VAE file", "model.weight_dtype": "Weight precision", "model.cache_dir": "Model cache folder",
     "dataset.dir": "Dataset folder", "dataset.cache_dir": "Cache folder", "lora.use_dora": "Use DoRA",
     "lora.init": "LoRA initialisation", "lora.targets": "Target layers", "lora.text_encoder_lr": "Text encoder LR",
     "train.learning_rate": "Learning rate", "train.lr_scheduler": "LR scheduler", "train.lr_cycles": "LR cycles",
@@ -45,7 +46,7 @@ FLOAT_STEPS = {"train.learning_rate": 1e-6, "lora.text_encoder_lr": 1e-6}
 # Free-choice dropdowns: the choices depend on the family and the workspace (see base_choices).
 CUSTOM_DROPDOWNS = {"model.base", "lora.targets"}
 # Shown workspace-relative in the form, absolute in the config.
-PATH_KEYS = ("dataset.dir", "output.dir", "dataset.cache_dir", "model.cache_dir")
+PATH_KEYS = ("dataset.dir", "output.dir", "dataset.cache_dir", "model.cache_dir", "model.vae_file")
 MODEL_PATH_KEYS = ("model.base", "model.components")
 MODEL_SUFFIXES = (".safetensors",)
 MAX_LOCAL_MODELS = 200
@@ -191,6 +192,9 @@ def absolute_paths(data: dict, workspace: Workspace) -> dict:
         if isinstance(value, str) and is_local_model(value, workspace):
             data[section][name] = str(confined_path(key, value, workspace))
     data["model"]["merge_loras"] = [_confined_entry(entry, workspace) for entry in data["model"].get("merge_loras") or []]
+    data["model"]["text_encoder_files"] = [
+        str(confined_path("model.text_encoder_files", entry, workspace)) if isinstance(entry, str) else entry
+        for entry in data["model"].get("text_encoder_files") or []]
     return data
 
 
@@ -214,6 +218,10 @@ def relative_paths(values: dict[str, Any], workspace: Workspace) -> dict[str, An
             shown[key] = workspace.relative(Path(value))
     if shown.get("model.cache_dir") == workspace.relative(workspace.cache):
         shown["model.cache_dir"] = ""
+    files = shown.get("model.text_encoder_files")
+    if isinstance(files, str):
+        shown["model.text_encoder_files"] = "\n".join(
+            workspace.relative(Path(line)) if Path(line).is_absolute() else line for line in files.splitlines())
     merged = shown.get("model.merge_loras")
     if isinstance(merged, str):  # a lines field: one entry per line
         shown["model.merge_loras"] = "\n".join(_relative_entry(entry, workspace) for entry in merged.splitlines())
