@@ -43,6 +43,7 @@ def run_plan(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print("\n".join(plan.lines()))
+    print(plan.time_line(_local_tflops() if args.vram is None else None))
     card = args.vram if args.vram is not None else _gpu_gib()
     if card is None:
         print("No GPU here: give --vram GB to check the plan against a card.")
@@ -79,3 +80,12 @@ def _gpu_gib() -> float | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(0).total_memory / 1024**3
+
+
+def _local_tflops() -> float | None:
+    """This machine's GPU's measured matrix speed (None without one)."""
+    import torch
+
+    from lora_gui.engine.devices import measured_matmul_tflops
+
+    return measured_matmul_tflops(torch.device("cuda", 0)) if torch.cuda.is_available() else None

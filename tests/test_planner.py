@@ -26,8 +26,10 @@ def tiny_config(tmp_path, *overrides):
         "model.weight_dtype=fp32", "train.mixed_precision=fp32", f"output.dir={tmp_path / 'out'}", *overrides])
 
 
-def real_step_peak(config) -> tuple[int, dict]:
-    """The same step with real tensors on the CPU, counted by the same tracker."""
+def real_step_peak(config) -> tuple[int, dict, int]:
+    """The same step with real tensors on the CPU, counted by the same tracker; and its FLOPs."""
+    from lora_gui.engine.planner.flops import FlopCount
+
     family = get_family("sd15")
     architecture = denoiser_config(family, config.model)
     denoiser = _adapted_denoiser(family, config, architecture, torch.float32).to_empty(device="cpu")
@@ -38,20 +40,25 @@ def real_step_peak(config) -> tuple[int, dict]:
     _track_parameters(tracker, denoiser, trainable)
     if config.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    with tracker:
+    with tracker, FlopCount() as counter:
         _forward_backward(tracker, family, config, denoiser, architecture, config.dataset.resolution,
                           torch.float32, torch.float32)
-    return tracker.peak, tracker.peak_split
+    return tracker.peak, tracker.peak_split, counter.flops
 
 
 def test_the_fake_trace_equals_the_real_step_on_the_cpu(tmp_path):
+    flops = {}
     for checkpointing in ("true", "false"):
-        config = tiny_config(tmp_path, f"train.gradient_checkpointing={checkpointing}")
+        config = tiny_config(tmp_path, f"train.gradient_checkpointing={checkpointing}", "train.gradient_accumulation=2")
         plan = plan_memory(config)
-        real_peak, real_split = real_step_peak(config)
+        real_peak, real_split, real_flops = real_step_peak(config)
         assert plan.split["weights"] == real_split["weights"] > 0
         # the optimizer's states come after the backward pass's peak in both
         assert abs(plan.peak_bytes - real_peak) <= 0.02 * real_peak, (checkpointing, plan.peak_bytes, real_peak)
+        assert plan.step_flops == 2 * real_flops > 0  # two micro-batches per optimizer step
+        flops[checkpointing] = plan.step_flops
+    # checkpointing runs each checkpointed block's forward pass a second time during the backward pass
+    assert 1.1 * flops["false"] < flops["true"] < 1.5 * flops["false"]
 
 
 def test_the_plan_follows_the_config(tmp_path):
@@ -96,7 +103,11 @@ def test_the_config_tab_shows_the_plan_and_the_verdict(tmp_path):
     fits = presets.plan_text(plan, GpuInfo("NVIDIA GeForce RTX 4090", 23.6))
     assert "✅" in fits and "fits a 23.6 GB card" in fits and "weights" in fits
     assert "❌" in presets.plan_text(plan, GpuInfo("a tiny card", 0.5))
-    assert "No GPU here" in presets.plan_text(plan, None)
+    assert "TFLOP (traced)" in fits and "run the plan on the GPU itself" in fits
+    timed = presets.plan_text(plan, GpuInfo("NVIDIA GeForce RTX 4090", 23.6), matmul_tflops=100.0)
+    assert f"at least {plan.step_flops / 100e12:.2f} s per step" in timed
+    on_cpu = presets.plan_text(plan, None)  # a CPU-only machine: no VRAM figures at all
+    assert "no GPU detected" in on_cpu and "GiB" not in on_cpu and "GB card" not in on_cpu
 
 
 def test_long_block_stacks_are_traced_a_few_blocks_deep_with_the_same_figures(tmp_path):
@@ -112,7 +123,8 @@ def test_long_block_stacks_are_traced_a_few_blocks_deep_with_the_same_figures(tm
         exact = trace_step(family, config, architecture)
         assert _extrapolated(family, config, architecture, {"num_layers": 4, "num_single_layers": 5}) == exact
         fewer = trace_step(family, config, {**architecture, "num_layers": 3})
-        assert max(peak for peak, _ in fewer.values()) < max(peak for peak, _ in exact.values())
+        assert max(peak for peak, _ in fewer.phases.values()) < max(peak for peak, _ in exact.phases.values())
+        assert 0 < fewer.flops < exact.flops
 
 
 def test_only_top_level_embeddings_and_output_layers_stay_unquantized():

@@ -111,3 +111,25 @@ def text_encoder_device(text_encoders, device: torch.device, headroom: float = 0
     free, _ = torch.cuda.mem_get_info(device)
     needed = module_bytes(text_encoders) - on_device
     return device if needed <= free * headroom else torch.device("cpu")
+
+
+def measured_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, side: int = 4096,
+                           repeats: int = 10) -> float | None:
+    """The accelerator's speed at large matrix products, measured now (TFLOP/s); None off CUDA.
+
+    A training step's FLOPs divided by this is the least time the step can take."""
+    import time
+
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    left = torch.randn(side, side, device=device, dtype=dtype)
+    right = torch.randn(side, side, device=device, dtype=dtype)
+    torch.matmul(left, right)  # warm-up: kernel selection, clocks
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(left, right)
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    del left, right
+    return 2 * side**3 * repeats / seconds / 1e12

@@ -210,43 +210,25 @@ def _cell(text: str, limit: int = 60) -> str:
     return (text or "(empty)").replace("|", "\\|").replace("`", "'")
 
 
-def estimate_text(est, config: TrainingConfig, gpu) -> str:
-    """The estimate panel; ``est`` is an ``engine.estimate.Estimate``, ``gpu`` a GpuInfo or None."""
-    if est.fits is None:
-        verdict = ""
-    else:
-        verdict = f" of {gpu.total_gib:.1f} GiB: " + ("fits ✅" if est.fits else "**does not fit** ❌")
-    parts = " · ".join(f"{k} {v:.1f}" for k, v in est.breakdown.items() if v >= 0.05)
-    lines = [
-        "### Estimate (not a measurement)",
-        f"Peak VRAM while training **≈ {est.peak_vram_gib:.1f} GiB**{verdict}  ",
-        f"<span class='lg-small'>{parts} GiB; validation images ≈ {est.sampling_gib:.1f} GiB</span>  ",
-        f"Time ≈ **{est.seconds_per_step:.2f} s/step**, ≈ **{_duration(est.total_minutes)}** for "
-        f"{config.train.max_steps} steps and the validation images.",
-    ]
-    lines += [f"- {note}" for note in est.notes]
-    lines.append("<span class='lg-small'>Computed from published model sizes and FLOP counts "
-                 "(lora_gui/engine/estimate.py); real runs can differ by 30% or more.</span>")
-    return "\n".join(lines)
+def plan_hint(gpu) -> str:
+    """What the plan panel says before a plan, or instead of one on a machine without a GPU."""
+    if gpu is None:
+        return ("**Memory and time:** no GPU detected, so no VRAM figures here: training runs on the CPU, and the "
+                "Train tab shows its measured speed after the first steps. To plan a GPU run from this machine: "
+                "`lora-gui plan --vram 24 CONFIG`.")
+    return (f"**Memory and time:** *Plan memory and time* traces this config's training step at full size and "
+            f"checks it against your {gpu.label}.")
 
 
-def plan_text(plan, gpu) -> str:
-    """The traced memory plan (``engine.planner.MemoryPlan``) and, with a GPU, whether it fits."""
-    if gpu is not None and gpu.total_gib:
-        fits = plan.total_bytes <= gpu.total_gib * 1024**3
-        verdict = f"{'✅' if fits else '❌'} **{plan.verdict(gpu.total_gib)}** ({gpu.name})"
-    else:
-        verdict = "No GPU here: these are the figures for a GPU run of this config."
-    lines = ["### Memory plan (traced)", verdict, ""] + [f"- {line}" for line in plan.lines()]
-    return "\n".join(lines)
-
-
-def _duration(minutes: float) -> str:
-    if minutes < 1:
-        return f"{minutes * 60:.0f} s"
-    if minutes < 120:
-        return f"{minutes:.0f} min"
-    return f"{minutes / 60:.1f} h"
+def plan_text(plan, gpu, matmul_tflops: float | None = None) -> str:
+    """The traced memory plan (``engine.planner.MemoryPlan``) against the detected GPU, with the least step time
+    at its measured matrix speed; without a GPU, the hint alone (no VRAM figures on a CPU-only machine)."""
+    if gpu is None or not gpu.total_gib:
+        return plan_hint(None)
+    fits = plan.total_bytes <= gpu.total_gib * 1024**3
+    verdict = f"{'✅' if fits else '❌'} **{plan.verdict(gpu.total_gib)}** ({gpu.name})"
+    lines = ["### Memory and time plan (traced)", verdict, ""] + [f"- {line}" for line in plan.lines()]
+    return "\n".join([*lines, f"- {plan.time_line(matmul_tflops)}"])
 
 
 def problems_text(message: str) -> str:

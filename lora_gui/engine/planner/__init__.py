@@ -37,6 +37,8 @@ class MemoryPlan:
     split: dict[str, int]  # the categories at that moment
     seconds: float  # how long the trace took
     not_traced: tuple[str, ...] = field(default=())
+    step_flops: int = 0  # one optimizer step's forward and backward passes, as traced
+    max_steps: int = 0
 
     @property
     def allowance_bytes(self) -> int:
@@ -71,6 +73,25 @@ class MemoryPlan:
         lines += [f"Not planned yet: {item}" for item in self.not_traced]
         lines.append(f"(traced in {self.seconds:.0f} s)")
         return lines
+
+
+    def time_line(self, tflops: float | None) -> str:
+        """The least time a step takes at ``tflops`` (the card's measured matrix speed; None: not measured)."""
+        work = f"One training step computes {self.step_flops / 1e12:.2f} TFLOP (traced)"
+        if not tflops:
+            return f"{work}; run the plan on the GPU itself for a time, or see the speed on the Train tab."
+        seconds = self.step_flops / (tflops * 1e12)
+        return (f"{work}: at this GPU's measured matrix speed ({tflops:.0f} TFLOP/s) at least {seconds:.2f} s per step, "
+                f"{duration_text(seconds * self.max_steps)} for {self.max_steps} steps. Real steps are slower "
+                "(attention, memory-bound layers, data); the Train tab shows the measured speed after the first steps.")
+
+
+def duration_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def size_text(size: int) -> str:

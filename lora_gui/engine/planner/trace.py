@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +27,11 @@ CATEGORIES = ("weights", "LoRA", "gradients", "optimizer state", "activations", 
 BASE_BLOCKS = 1
 
 
+class StepTrace(NamedTuple):
+    phases: dict[str, tuple[int, dict]]  # phase: (most bytes live at once, their split at that moment)
+    flops: int  # forward and backward of one micro-batch (with checkpointing's second forward)
+
+
 def trace_training_step(config: TrainingConfig, cache_dir: str | None = None, exact: bool = False) -> MemoryPlan:
     started = time.perf_counter()
     family = _family(config, cache_dir)
@@ -33,17 +39,21 @@ def trace_training_step(config: TrainingConfig, cache_dir: str | None = None, ex
     counts = {key: count for key in family.planning_block_counts
               if (count := block_count(architecture, key)) > BASE_BLOCKS + 1}
     whole = exact or not counts or config.model.block_swap > 0  # swapped blocks are the last ones: trace them all
-    phases = trace_step(family, config, architecture) if whole else _extrapolated(family, config, architecture, counts)
-    peak, split = max(phases.values(), key=lambda item: item[0])
+    traced = trace_step(family, config, architecture) if whole else _extrapolated(family, config, architecture, counts)
+    peak, split = max(traced.phases.values(), key=lambda item: item[0])
     notes = NOT_TRACED + (("the text encoders' LoRA (lora.train_text_encoder)",) if config.lora.train_text_encoder else ())
     return MemoryPlan(family=family.name, resolution=config.dataset.resolution, batch_size=config.train.batch_size,
-                      peak_bytes=peak, split=split, seconds=time.perf_counter() - started, not_traced=notes)
+                      peak_bytes=peak, split=split, seconds=time.perf_counter() - started, not_traced=notes,
+                      step_flops=traced.flops * config.train.gradient_accumulation,
+                      max_steps=config.train.max_steps)
 
 
-def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict) -> dict[str, tuple[int, dict]]:
+def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict) -> StepTrace:
     """For each phase of one training step of this architecture (forward, backward, optimizer), the most
-    bytes live at once and their split at that moment."""
+    bytes live at once and their split at that moment; and the step's FLOPs (``FlopCount``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lora_gui.engine.planner.flops import FlopCount
 
     weight_dtype = DTYPES.get(config.model.weight_dtype, torch.bfloat16)  # auto: bf16 on a GPU
     compute_dtype = DTYPES.get(config.train.mixed_precision, torch.bfloat16)
@@ -58,34 +68,39 @@ def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict) 
         _track_parameters(tracker, denoiser, trainable)
         denoiser.train()
         side = config.dataset.resolution
-        with tracker:
+        with tracker, FlopCount() as counter:
             _forward_backward(tracker, family, config, denoiser, architecture, side, weight_dtype, compute_dtype)
             tracker.phase = "optimizer state"
             states = [torch.empty(optimizer_state_bytes(config.train.optimizer, p), dtype=torch.uint8)
                       for p in trainable]
             for state in states:
                 tracker.track(state, "optimizer state")
-    return {phase: (peak, {name: split.get(name, 0) for name in CATEGORIES})
-            for phase, (peak, split) in tracker.phase_peaks.items()}
+    phases = {phase: (peak, {name: split.get(name, 0) for name in CATEGORIES})
+              for phase, (peak, split) in tracker.phase_peaks.items()}
+    return StepTrace(phases, counter.flops)
 
 
 def _extrapolated(family: ModelFamily, config: TrainingConfig, architecture: dict,
-                  counts: dict[str, int]) -> dict[str, tuple[int, dict]]:
+                  counts: dict[str, int]) -> StepTrace:
     """A model with long stacks of identical blocks, traced with BASE_BLOCKS of each kind and with one more of
     each kind in turn: what one more block adds to each phase's peak (its weights, LoRA, gradients, optimizer
-    state and saved activations) is added for every further block. Tests check it against whole-model traces."""
+    state and saved activations, and its FLOPs) is added for every further block. Tests check it against
+    whole-model traces."""
     small = with_block_counts(architecture, {key: BASE_BLOCKS for key in counts})
     base = trace_step(family, config, small)
-    phases = {phase: (peak, dict(split)) for phase, (peak, split) in base.items()}
+    phases = {phase: (peak, dict(split)) for phase, (peak, split) in base.phases.items()}
+    flops = base.flops
     for key, count in counts.items():
         more = trace_step(family, config, with_block_counts(small, {key: BASE_BLOCKS + 1}))
+        extra = count - BASE_BLOCKS
         for phase, (peak, split) in phases.items():
-            extra_peak, extra_split = more[phase]
-            base_peak, base_split = base[phase]
-            phases[phase] = (peak + (count - BASE_BLOCKS) * (extra_peak - base_peak),
-                             {name: split[name] + (count - BASE_BLOCKS) * (extra_split[name] - base_split[name])
+            extra_peak, extra_split = more.phases[phase]
+            base_peak, base_split = base.phases[phase]
+            phases[phase] = (peak + extra * (extra_peak - base_peak),
+                             {name: split[name] + extra * (extra_split[name] - base_split[name])
                               for name in CATEGORIES})
-    return phases
+        flops += extra * (more.flops - base.flops)
+    return StepTrace(phases, flops)
 
 
 def block_count(architecture: dict, key: str) -> int:

@@ -1,4 +1,4 @@
-"""The Config tab: VRAM preset picker, live estimate, the schema-generated form, load/save, CLI command.
+"""The Config tab: VRAM preset picker, memory and time plan, the schema-generated form, load/save, CLI command.
 
 Handlers take one dict {component: value} (the form's components passed as a set) and re-validate
 everything on the server; problems come back as messages naming the key, never as tracebacks.
@@ -77,9 +77,7 @@ def initial_values(tier: str) -> dict[str, Any]:
 
 def panel_texts(form: dict[str, Any], tier: Any, saved: Any, workspace: Workspace,
                 gpu: GpuInfo | None) -> dict[str, str]:
-    """Everything shown around the form: preset preview, validation, estimate, CLI command."""
-    from lora_gui.engine.estimate import estimate, has_estimate
-
+    """Everything shown around the form: preset preview, validation, CLI command."""
     texts = {}
     try:
         name = P.preset_name(form.get("model.family"), tier)
@@ -91,15 +89,9 @@ def panel_texts(form: dict[str, Any], tier: Any, saved: Any, workspace: Workspac
         config = form_to_config(form, workspace)
     except ConfigError as exc:
         texts["validate"] = P.problems_text(str(exc))
-        texts["estimate"] = "**Estimate:** fix the problems listed under *Validation* first."
         texts["cli"] = "# Fix the problems in the form first."
         return texts
     texts["validate"] = P.valid_text(config)
-    if has_estimate(config.model.family):
-        texts["estimate"] = P.estimate_text(
-            estimate(config, gpu.total_gib if gpu else None, gpu.name if gpu else None), config, gpu)
-    else:
-        texts["estimate"] = "**Estimate:** not available for this model family yet."
     saved_path = Path(saved) if isinstance(saved, str) and P.same_config_file(Path(saved), config) else None
     texts["cli"] = P.cli_command(config, saved_path)
     return texts
@@ -113,7 +105,6 @@ class Widgets:
     preset: gr.Markdown
     changes: gr.Markdown
     applied: gr.Markdown
-    estimate: gr.Markdown
     validate: gr.Markdown
     upload: gr.File
     saved: gr.Dropdown
@@ -131,7 +122,7 @@ class Widgets:
 
     def panels(self) -> dict[str, gr.components.Component]:
         return {"preset": self.preset, "changes": self.changes, "validate": self.validate,
-                "estimate": self.estimate, "cli": self.cli}
+                "cli": self.cli}
 
 
 def build(session: AppSession, dataset_folder: gr.Textbox | None = None) -> ConfigTab:
@@ -158,9 +149,9 @@ def layout(workspace: Workspace, gpu: GpuInfo | None, tier: str, initial: dict[s
     with gr.Row():
         changes_md = gr.Markdown(first["changes"])
         applied_md = gr.Markdown("")
-    estimate_md = gr.Markdown(first["estimate"])
-    plan_btn = gr.Button("Plan GPU memory: trace the training step at full size (10-60 s on a CPU)", scale=0)
-    plan_md = gr.Markdown("", elem_id="lg-memory-plan")
+    plan_btn = gr.Button("Plan memory and time: trace the training step at full size (seconds to a minute)",
+                         scale=0, visible=gpu is not None)
+    plan_md = gr.Markdown(P.plan_hint(gpu), elem_id="lg-memory-plan")
     components = forms.build_form(initial, forms.base_choices(family, workspace),
                                   list(forms.target_choices(family)))
     validate_md = gr.Markdown(first["validate"])
@@ -184,7 +175,7 @@ def layout(workspace: Workspace, gpu: GpuInfo | None, tier: str, initial: dict[s
         file_md = gr.Markdown("")
     cli_code = gr.Code(first["cli"], language="shell", label="Equivalent CLI command", interactive=False,
                        buttons=["copy"])
-    widgets = Widgets(tier_radio, apply_btn, preset_md, changes_md, applied_md, estimate_md, validate_md, upload,
+    widgets = Widgets(tier_radio, apply_btn, preset_md, changes_md, applied_md, validate_md, upload,
                       saved_dd, load_btn, refresh_btn, save_name, overwrite, save_btn, file_md, cli_code,
                       gr.State(None), gr.State(initial["output.dir"]), plan_btn, plan_md)
     return ConfigTab(components, workspace), widgets
@@ -195,6 +186,7 @@ class Handlers:
 
     def __init__(self, tab: ConfigTab, widgets: Widgets, gpu: GpuInfo | None) -> None:
         self.tab, self.w, self.gpu = tab, widgets, gpu
+        self.matmul_tflops: float | None = None  # the GPU's measured speed, on the first plan
         self.workspace = tab.workspace
         self.c = tab.components
         w = widgets
@@ -285,8 +277,17 @@ class Handlers:
                 self.w.saved: gr.update(choices=P.list_saved_configs(self.workspace), value=path.name)}
 
     def plan(self, values: dict):
+        if self.gpu is None:  # the button is hidden, but a share link can still call the handler
+            return {self.w.plan: P.plan_hint(None)}
         config = form_to_config(self.tab.form_values(values), self.workspace)
-        return {self.w.plan: P.plan_text(plan_memory(config), self.gpu)}
+        plan = plan_memory(config)
+        if self.matmul_tflops is None:
+            import torch
+
+            from lora_gui.engine.devices import measured_matmul_tflops
+
+            self.matmul_tflops = measured_matmul_tflops(torch.device("cuda"))
+        return {self.w.plan: P.plan_text(plan, self.gpu, self.matmul_tflops)}
 
     def wire(self, dataset_folder: gr.Textbox | None) -> None:
         w, c, form = self.w, self.c, self.tab.inputs()
