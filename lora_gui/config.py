@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_gui.engine.families.registry import family_names
 
@@ -177,6 +177,10 @@ class TrainSection(Section):
         "auto", description="Autocast precision (auto: bf16 on supporting GPUs, else fp32)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (about 30% slower).")
+    offload_activations: bool = Field(
+        False, description="Activation offloading: what the backward pass needs from the forward pass waits in system "
+                           "memory instead of GPU memory (slower: every step copies it out and back). Instead of "
+                           "gradient checkpointing, not with it.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for data order, noise and LoRA initialisation.")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="SD1.5/SDXL target; auto reads it from the model's scheduler."
@@ -193,6 +197,13 @@ class TrainSection(Section):
     flow_shift: float = Field(3.0, gt=0.0, le=100.0, description="Flow matching: shift applied with timestep_sampling=shift.")
     guidance: float = Field(1.0, ge=0.0, le=100.0, description="Flux.1 dev and Flux.2 dev: guidance value fed to the model's guidance embedding while training.")
 
+
+    @model_validator(mode="after")
+    def _offloading_or_checkpointing(self) -> TrainSection:
+        if self.offload_activations and self.gradient_checkpointing:
+            raise ValueError("offload_activations and gradient_checkpointing both save activation memory, and do "
+                             "not combine (checkpointed blocks keep their inputs on the GPU): turn one of them off")
+        return self
 
 class OutputSection(Section):
     dir: str = Field("outputs/my-lora", description="Folder for the LoRA, checkpoints, samples and metrics.")

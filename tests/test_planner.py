@@ -203,3 +203,16 @@ def test_block_swap_moves_the_swapped_weights_out_of_the_gpu_plan(tmp_path):
     assert offloaded > 0 and plain.split["system memory (block swap)"] == 0
     assert swapped.split["weights"] == plain.split["weights"] - offloaded
     assert any("Block swap keeps" in line for line in swapped.lines())
+
+
+def test_offloaded_activations_leave_the_gpu_plan_for_system_memory(tmp_path, monkeypatch):
+    from lora_gui.engine import activation_offload
+
+    monkeypatch.setattr(activation_offload, "SMALLEST_OFFLOADED_BYTES", 0)  # the tiny model's are all small
+    kept = plan_memory(tiny_config(tmp_path, "dataset.resolution=256"))
+    offloaded = plan_memory(tiny_config(tmp_path, "dataset.resolution=256", "train.offload_activations=true"))
+    assert offloaded.split["activations"] < kept.split["activations"] / 2
+    assert offloaded.split["system memory (offloaded activations)"] > kept.split["activations"] / 2
+    assert offloaded.peak_bytes < kept.peak_bytes
+    assert offloaded.split["weights"] == kept.split["weights"] and offloaded.step_flops == kept.step_flops
+    assert any("Activation offloading keeps" in line for line in offloaded.lines())

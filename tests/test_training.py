@@ -8,6 +8,7 @@ import torch
 from helpers import make_dataset, tiny_config
 from safetensors import safe_open
 
+from lora_gui.config import ConfigError
 from lora_gui.engine.errors import TrainingError
 from lora_gui.engine.train import train
 from lora_gui.events import CheckpointSaved, Controls, Failed, Finished, Progress, SamplesReady, Status
@@ -186,6 +187,30 @@ def test_quantized_base_trains_and_lora_loads_unquantized(dataset, tmp_path, mod
     pipe = load_pipeline("sd15", ensure_builtin("builtin:tiny-sd15"))
     pipe.load_lora_weights(result.lora_path)
     assert render(pipe, "sd15").shape == (64, 64, 3)
+
+
+@pytest.mark.slow
+def test_offloaded_activations_train_the_same_lora(dataset, tmp_path, monkeypatch):
+    """The saved tensors take the trip to system memory and back (every one, the size floor lowered for the
+    tiny model) and the LoRA comes out bit for bit the same."""
+    from safetensors.torch import load_file
+
+    from lora_gui.engine import activation_offload
+
+    offloaded = []
+    monkeypatch.setattr(activation_offload, "SMALLEST_OFFLOADED_BYTES", 0)
+    worth = activation_offload.worth_offloading
+    monkeypatch.setattr(activation_offload, "worth_offloading", lambda t: worth(t) and not offloaded.append(t.shape))
+    plain = train(tiny_config("sd15", dataset, tmp_path / "plain", "train.max_steps=3"))
+    assert not offloaded
+    moved = train(tiny_config("sd15", dataset, tmp_path / "moved", "train.max_steps=3",
+                              "train.offload_activations=true"))
+    assert len(offloaded) > 20
+    first, second = load_file(plain.lora_path), load_file(moved.lora_path)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(ConfigError, match="offload_activations and gradient_checkpointing"):
+        tiny_config("sd15", dataset, tmp_path / "both", "train.offload_activations=true",
+                    "train.gradient_checkpointing=true")
 
 
 @pytest.mark.slow

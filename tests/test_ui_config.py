@@ -28,7 +28,8 @@ def non_default(spec: forms.FieldSpec):
                "output.dir": "outputs/run1", "output.name": "run1", "dataset.caption_extension": ".caption",
                "model.merge_loras": ["models/style.safetensors:0.5", "models/adapter.safetensors"],
                "model.text_encoder_files": ["models/clip_l.safetensors", "models/t5xxl.safetensors"],
-               "model.vae_file": "models/ae.safetensors"}
+               "model.vae_file": "models/ae.safetensors",
+               "train.offload_activations": False}  # with gradient checkpointing on, it must stay off
     if spec.key in special:
         return special[spec.key]
     if spec.kind == "dropdown":
@@ -69,11 +70,14 @@ def test_round_trip_of_every_field(workspace):
     dumped = config.model_dump(mode="json")
     for spec in forms.field_specs():
         section, name = spec.key.split(".")
-        assert dumped[section][name] != defaults[section][name], spec.key
+        if spec.key != "train.offload_activations":  # not with gradient checkpointing: checked below
+            assert dumped[section][name] != defaults[section][name], spec.key
     shown = forms.relative_paths(forms.config_to_values(dumped), workspace)
     assert shown == form
     assert config_tab.form_to_config(shown, workspace) == config
     assert config.dataset.dir == str(workspace.root / "datasets" / "cats")
+    offloading = {**form, "train.gradient_checkpointing": False, "train.offload_activations": True}
+    assert config_tab.form_to_config(offloading, workspace).train.offload_activations
 
 
 def test_optional_fields_empty_means_none_and_defaults(workspace):

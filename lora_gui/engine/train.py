@@ -21,6 +21,7 @@ import torch
 from lora_gui.captioning import unload_all_captioners
 from lora_gui.config import TrainingConfig, save_config
 from lora_gui.engine import checkpoint as ckpt
+from lora_gui.engine.activation_offload import offloaded_activations
 from lora_gui.engine.block_swap import BlockSwap, BlockSwapError, attach_block_swap, repeated_blocks
 from lora_gui.engine.block_swap import config_problem as block_swap_problem
 from lora_gui.engine.devices import (
@@ -586,11 +587,12 @@ class TrainingRun:
                     embeds = self.family.encode_prompts(comps, list(batch.captions))
                 embeds = {k: v.to(device) for k, v in embeds.items()}
             noised = self.objective.add_noise(latents.float(), self.noise_generator)
-            prediction = self.family.predict(
-                comps, noised.noisy.to(comps.weight_dtype), noised.timesteps, embeds, list(batch.conditioning),
-                self.config.train,
-            )
-            return self.objective.loss(prediction, noised)
+            with offloaded_activations(self.config.train.offload_activations, device):
+                prediction = self.family.predict(
+                    comps, noised.noisy.to(comps.weight_dtype), noised.timesteps, embeds, list(batch.conditioning),
+                    self.config.train,
+                )
+                return self.objective.loss(prediction, noised)
 
     def report(self, loss: float, seconds: float, average_seconds: float) -> None:
         lr = current_lr(self.optimizer)

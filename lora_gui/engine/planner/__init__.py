@@ -70,6 +70,9 @@ class MemoryPlan:
         swapped = self.split.get("system memory (block swap)", 0)
         if swapped:
             lines.append(f"Block swap keeps {size_text(swapped)} of frozen weights in system memory")
+        offloaded = self.split.get("system memory (offloaded activations)", 0)
+        if offloaded:
+            lines.append(f"Activation offloading keeps {size_text(offloaded)} in system memory at that moment")
         lines += [f"Not planned yet: {item}" for item in self.not_traced]
         lines.append(f"(traced in {self.seconds:.0f} s)")
         return lines

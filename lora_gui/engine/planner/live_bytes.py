@@ -39,21 +39,25 @@ class LiveBytes(TorchDispatchMode):
             if move and entry[0] != category:
                 self.live[entry[0]] -= entry[1]
                 self.live[category] += entry[1]
+                self.total += self._on_device(category, entry[1]) - self._on_device(entry[0], entry[1])
                 entry[0] = category
             return
         entry = [category, storage.nbytes()]
         self.entries[storage] = entry
         self.live[category] += entry[1]
-        self.total += 0 if category in self.off_device else entry[1]
+        self.total += self._on_device(category, entry[1])
         self._finalizers.append(weakref.ref(storage, lambda _, entry=entry: self._free(entry)))
         if self.total > self.phase_peaks.get(self.phase, (-1, None))[0]:
             self.phase_peaks[self.phase] = (self.total, dict(self.live))
             if self.total > self.peak:
                 self.peak, self.peak_split = self.total, self.phase_peaks[self.phase][1]
 
+    def _on_device(self, category: str, size: int) -> int:
+        return 0 if category in self.off_device else size
+
     def _free(self, entry: list) -> None:
         self.live[entry[0]] -= entry[1]
-        self.total -= 0 if entry[0] in self.off_device else entry[1]
+        self.total -= self._on_device(entry[0], entry[1])
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))

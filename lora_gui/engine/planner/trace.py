@@ -22,7 +22,8 @@ NOT_TRACED = (
 
 
 SWAPPED = "system memory (block swap)"
-CATEGORIES = ("weights", "LoRA", "gradients", "optimizer state", "activations", "backward", SWAPPED)
+OFFLOADED = "system memory (offloaded activations)"
+CATEGORIES = ("weights", "LoRA", "gradients", "optimizer state", "activations", "backward", SWAPPED, OFFLOADED)
 # Repeated blocks are traced at these counts and the rest follows linearly (see _extrapolated).
 BASE_BLOCKS = 1
 
@@ -58,7 +59,7 @@ def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict) 
     weight_dtype = DTYPES.get(config.model.weight_dtype, torch.bfloat16)  # auto: bf16 on a GPU
     compute_dtype = DTYPES.get(config.train.mixed_precision, torch.bfloat16)
     denoiser = _adapted_denoiser(family, config, architecture, weight_dtype)
-    tracker = LiveBytes(off_device=frozenset({SWAPPED}))
+    tracker = LiveBytes(off_device=frozenset({SWAPPED, OFFLOADED}))
     with FakeTensorMode(allow_non_fake_inputs=True):
         denoiser.to_empty(device="cpu")
         trainable = [p for p in denoiser.parameters() if p.requires_grad]
@@ -191,9 +192,32 @@ def _forward_backward(tracker, family, config, denoiser, architecture, side, wei
                             source="planner", device=torch.device("cpu"), weight_dtype=weight_dtype)
     timesteps = torch.full((batch,), 500.0)
     autocast = torch.autocast("cpu", dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), autocast:
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), autocast, _offloading(tracker, config):
         prediction = family.predict(components, latents, timesteps, embeds, conditioning, config.train)
         loss = torch.nn.functional.mse_loss(prediction.float(), latents.float())
     del prediction
     tracker.phase = "backward"
     loss.backward()
+
+
+def _offloading(tracker: LiveBytes, config: TrainingConfig):
+    """train.offload_activations as training does it: the saved tensors it would copy to system memory count
+    there, and each comes back to the device as a new tensor when the backward pass needs it."""
+    from contextlib import nullcontext
+
+    from lora_gui.engine.activation_offload import worth_offloading
+
+    if not config.train.offload_activations:
+        return nullcontext()
+
+    def pack(tensor: torch.Tensor):
+        if not worth_offloading(tensor):
+            return tensor
+        stored = tensor.clone()
+        tracker.track(stored, OFFLOADED)
+        return (stored,)
+
+    def unpack(packed):
+        return packed if isinstance(packed, torch.Tensor) else packed[0].clone()
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
