@@ -171,3 +171,15 @@ def test_schedule_applies_to_every_group_proportionally():
     scheduler.step()
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.75e-3, 0.75e-4])
     assert math.isclose(current_lr(optimizer), 0.75e-3)
+
+
+def test_adamw_is_fused_on_cuda_and_torchs_default_elsewhere():
+    """No GPU here: the CUDA parameters are fake tensors (shapes and devices only), which is all the choice reads."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    train = TrainSection(optimizer="adamw")
+    on_cpu = build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(4, 4))]}], train)
+    assert not on_cpu.defaults.get("fused")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        on_cuda = build_optimizer([{"params": [torch.nn.Parameter(torch.empty(4, 4, device="cuda"))]}], train)
+    assert on_cuda.defaults["fused"] is True

@@ -77,7 +77,16 @@ def _import(module: str, package: str, train: TrainSection) -> Any:
 def _adamw(groups: list[dict], train: TrainSection):
     import torch
 
-    return torch.optim.AdamW(groups, lr=train.learning_rate, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(groups, lr=train.learning_rate, weight_decay=train.weight_decay, **fused_kwargs(groups))
+
+
+def fused_kwargs(groups: list[dict]) -> dict[str, Any]:
+    """``fused=True`` (one kernel for every parameter's update) when all parameters are floating-point CUDA
+    tensors; otherwise torch's default (its multi-tensor ``foreach`` implementation where it can)."""
+    params = [p for group in groups for p in group["params"]]
+    if params and all(p.is_cuda and p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {}
 
 
 def _bitsandbytes(class_name: str) -> Callable:
