@@ -177,6 +177,9 @@ class TrainSection(Section):
         "auto", description="Autocast precision (auto: bf16 on supporting GPUs, else fp32)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (about 30% slower).")
+    compile_blocks: bool = Field(
+        False, description="torch.compile the denoiser's repeated blocks (regional compilation): faster steps once "
+                           "the first steps have compiled them (a minute or more). Needs a C++ compiler on a CPU.")
     offload_activations: bool = Field(
         False, description="Activation offloading: what the backward pass needs from the forward pass waits in system "
                            "memory instead of GPU memory (slower: every step copies it out and back). Instead of "

@@ -214,6 +214,27 @@ def test_offloaded_activations_train_the_same_lora(dataset, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
+def test_compiled_blocks_train_the_same_lora(dataset, tmp_path, monkeypatch):
+    """torch.compile of the repeated blocks, with the aot_eager backend: the same graph capture and autograd
+    tracing as inductor, without generating C++ (a compiler is not part of the test install)."""
+    from safetensors.torch import load_file
+
+    from lora_gui.engine import train as train_module
+
+    monkeypatch.setattr(train_module, "COMPILE_OPTIONS", {"backend": "aot_eager"})
+    torch._dynamo.utils.counters.clear()
+    events = []
+    plain = train(tiny_config("zimage", dataset, tmp_path / "plain", "train.max_steps=3"))
+    compiled = train(tiny_config("zimage", dataset, tmp_path / "compiled", "train.max_steps=3",
+                                 "train.compile_blocks=true"), events.append)
+    assert any(isinstance(e, Status) and "Compiling the repeated blocks" in e.text for e in events)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the blocks went through torch.compile
+    first, second = load_file(plain.lora_path), load_file(compiled.lora_path)
+    assert first.keys() == second.keys()
+    assert all(torch.allclose(first[k], second[k], rtol=1e-5, atol=1e-7) for k in first)
+
+
+@pytest.mark.slow
 def test_corrupt_cache_gives_nan_loss_that_names_files_and_saves_nothing(dataset, tmp_path):
     from safetensors.torch import load_file, save_file
 

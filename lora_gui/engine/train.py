@@ -415,6 +415,19 @@ class TrainingRun:
         self.block_swap = self.swap_blocks()
         for module in self.lora_modules.values():
             module.train()
+        if self.config.train.compile_blocks:
+            self.compile_blocks()
+
+    def compile_blocks(self) -> None:
+        """train.compile_blocks: torch.compile each repeated block in place (the first steps compile them)."""
+        from lora_gui.engine.families.common import unwrap
+
+        denoiser = unwrap(self.components.denoiser)
+        if not getattr(denoiser, "_repeated_blocks", None):
+            raise TrainingError(f"train.compile_blocks: the {self.family.label} denoiser has no repeated blocks to "
+                                "compile.", "Set train.compile_blocks = false.")
+        denoiser.compile_repeated_blocks(**COMPILE_OPTIONS)
+        self.status("Compiling the repeated blocks with torch.compile during the first steps (a minute or more)")
 
     def swap_blocks(self) -> BlockSwap | None:
         """model.block_swap: the last blocks' frozen weights stay in system memory (see engine/block_swap.py)."""
@@ -649,6 +662,10 @@ class TrainingRun:
         self.status(f"Finished: {kohya_path}")
         self.emit(Finished(step=self.step, lora_path=str(kohya_path), diffusers_path=str(diffusers_path)))
         return TrainResult(status="finished", step=self.step, lora_path=str(kohya_path), checkpoint=checkpoint)
+
+
+# torch.compile's options for train.compile_blocks (its default backend, inductor, unless a test says otherwise).
+COMPILE_OPTIONS: dict = {}
 
 
 def quantized_text_encoders(encoders: list, mode: str) -> int:
