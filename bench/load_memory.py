@@ -12,6 +12,12 @@ fp32 weights (every weight copied), against the size of the largest part and of 
 
     python bench/load_memory.py                       # 3.6 GB transformer, 3.2 GB text encoder
     python bench/load_memory.py --transformer-layers 20 --text-encoder-layers 24
+    python bench/load_memory.py --full qwen-image --quantize nf4
+
+``--full FAMILY`` writes that family's transformer at its published size instead (Qwen-Image: 20 B
+parameters, a 41 GB bf16 file, written shard by shard so that building it needs no more memory than a
+block), with the built-in tiny model's text encoder and VAE; ``--quantize`` quantizes it as it loads, and
+the run stops once it is quantized.
 """
 
 from __future__ import annotations
@@ -53,6 +59,46 @@ def build_folder(folder: Path, transformer_layers: int, text_encoder_layers: int
             for part in ("text_encoder", "transformer", "vae")}
 
 
+def build_full_folder(folder: Path, family_name: str) -> dict[str, float]:
+    """The built-in tiny model with its transformer replaced by a full-size one (random bf16 weights)."""
+    from lora_gui.engine.families.builtin import ensure_builtin
+    from lora_gui.engine.families.registry import get_family
+
+    family = get_family(family_name)
+    shutil.copytree(ensure_builtin(f"builtin:tiny-{family_name}"), folder)
+    architecture = dict(next(iter(family.planning_architectures.values())))
+    write_random_sharded(architecture, folder / family.denoiser_key)
+    return {part: sum(f.stat().st_size for f in (folder / part).glob("*.safetensors")) / GIB
+            for part in ("text_encoder", family.denoiser_key, "vae")}
+
+
+def write_random_sharded(architecture: dict, target: Path) -> None:
+    """A diffusers model folder with random bf16 weights, one shard per top-level block: only one block's
+    weights are ever in memory."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_gui.engine.planner.architecture import build_on_meta
+
+    model = build_on_meta(architecture)
+    shutil.rmtree(target, ignore_errors=True)
+    model.save_config(target)
+    groups: dict[str, list[tuple[str, torch.Size]]] = {}
+    for name, tensor in model.state_dict().items():
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+        groups.setdefault(key, []).append((name, tensor.shape))
+    weight_map, total = {}, 0
+    for index, entries in enumerate(groups.values(), start=1):
+        shard = f"diffusion_pytorch_model-{index:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {name: torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02) for name, shape in entries}
+        save_file(tensors, target / shard)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, shard))
+    (target / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}), encoding="utf-8")
+
+
 def save_random(module, target: Path) -> None:
     """Small random weights (finite activations), written in place of the tiny model's."""
     import torch
@@ -64,7 +110,8 @@ def save_random(module, target: Path) -> None:
     module.save_pretrained(target)
 
 
-def measure(folder: Path, dataset: Path, output: Path, dtype: str) -> dict:
+def measure(folder: Path, dataset: Path, output: Path, dtype: str, family: str = "zimage",
+            quantize: str = "none") -> dict:
     """Runs in a fresh process: a real run that stops once the transformer is loaded."""
     from lora_gui.config import build_config
     from lora_gui.engine.train import train
@@ -75,11 +122,14 @@ def measure(folder: Path, dataset: Path, output: Path, dtype: str) -> dict:
     def watch(event) -> None:
         if isinstance(event, Status):
             timeline.append((event.text, status_gib("VmHWM"), status_gib("RssAnon")))
-            if event.text == "Loading the transformer":
+            if event.text == "Loading the transformer" and quantize == "none":
                 controls.stop()  # honoured right after the transformer is loaded
+            if event.text.startswith("Quantized") and "transformer" in event.text:
+                controls.stop()  # honoured before the first step
 
-    config = build_config(preset="zimage-cpu-demo", overrides=[
-        f"model.base={folder}", "model.family=zimage", f"model.weight_dtype={dtype}", "model.device=cpu",
+    config = build_config(preset=f"{family}-cpu-demo", overrides=[
+        f"model.base={folder}", f"model.family={family}", f"model.weight_dtype={dtype}", "model.device=cpu",
+        f"model.quantize={quantize}",
         f"dataset.dir={dataset}", f"output.dir={output}", "dataset.resolution=256", "sample.every=0"])
     peak_private, done = [0.0], threading.Event()
 
@@ -126,22 +176,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transformer-layers", type=int, default=10)
     parser.add_argument("--text-encoder-layers", type=int, default=12)
+    parser.add_argument("--full", default=None, metavar="FAMILY", help="a full-size transformer of this family")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "nf4", "fp8"])
     parser.add_argument("--work", default=None, help="Scratch folder (default: a temporary one, removed after).")
-    parser.add_argument("--measure", nargs=4, metavar=("FOLDER", "DATASET", "OUTPUT", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        folder, dataset, output, dtype = args.measure
-        print(json.dumps(measure(Path(folder), Path(dataset), Path(output), dtype)))
+        folder, dataset, output, dtype, family, quantize = args.measure
+        print(json.dumps(measure(Path(folder), Path(dataset), Path(output), dtype, family, quantize)))
         return
     work = Path(args.work or tempfile.mkdtemp(prefix="lora-gui-load-"))
     try:
-        sizes = build_folder(work / "model", args.transformer_layers, args.text_encoder_layers)
+        family = args.full or "zimage"
+        sizes = (build_full_folder(work / "model", family) if args.full
+                 else build_folder(work / "model", args.transformer_layers, args.text_encoder_layers))
         dataset = make_dataset(work / "images")
         parts = {k: round(v, 2) for k, v in sizes.items()}
         print(json.dumps({"parts_gib_bf16": parts}))
-        for dtype, scale in (("bf16", 1), ("fp32", 2)):  # fp32 copies every weight out of the files
+        kinds = (("bf16", 1),) if args.full else (("bf16", 1), ("fp32", 2))  # fp32 copies every weight
+        for dtype, scale in kinds:
             answer = subprocess.run([sys.executable, __file__, "--measure", str(work / "model"), str(dataset),
-                                     str(work / f"out-{dtype}"), dtype], capture_output=True, text=True, check=True)
+                                     str(work / f"out-{dtype}"), dtype, family, args.quantize],
+                                    capture_output=True, text=True, check=True)
             measured = json.loads(answer.stdout.strip().splitlines()[-1])
             print(json.dumps({**measured, "largest_part_gib": round(scale * max(sizes.values()), 2),
                               "sum_of_parts_gib": round(scale * sum(sizes.values()), 2)}))

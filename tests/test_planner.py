@@ -52,9 +52,10 @@ def test_the_fake_trace_equals_the_real_step_on_the_cpu(tmp_path):
         config = tiny_config(tmp_path, f"train.gradient_checkpointing={checkpointing}", "train.gradient_accumulation=2")
         plan = plan_memory(config)
         real_peak, real_split, real_flops = real_step_peak(config)
-        assert plan.split["weights"] == real_split["weights"] > 0
+        assert plan.step_split["weights"] == real_split["weights"] > 0
         # the optimizer's states come after the backward pass's peak in both
-        assert abs(plan.peak_bytes - real_peak) <= 0.02 * real_peak, (checkpointing, plan.peak_bytes, real_peak)
+        step_peak = plan.phases["training step"]
+        assert abs(step_peak - real_peak) <= 0.02 * real_peak, (checkpointing, step_peak, real_peak)
         assert plan.step_flops == 2 * real_flops > 0  # two micro-batches per optimizer step
         flops[checkpointing] = plan.step_flops
     # checkpointing runs each checkpointed block's forward pass a second time during the backward pass
@@ -66,9 +67,9 @@ def test_the_plan_follows_the_config(tmp_path):
     bigger = plan_memory(tiny_config(tmp_path, "dataset.resolution=256"))
     rank = plan_memory(tiny_config(tmp_path, "lora.rank=64"))
     checkpointed = plan_memory(tiny_config(tmp_path, "dataset.resolution=256", "train.gradient_checkpointing=true"))
-    assert bigger.split["activations"] > 3 * base.split["activations"]
-    assert rank.split["LoRA"] > 3 * base.split["LoRA"] and rank.split["weights"] == base.split["weights"]
-    assert checkpointed.split["activations"] < bigger.split["activations"] / 2
+    assert bigger.step_split["activations"] > 3 * base.step_split["activations"]
+    assert rank.step_split["LoRA"] > 3 * base.step_split["LoRA"] and rank.step_split["weights"] == base.step_split["weights"]
+    assert checkpointed.step_split["activations"] < bigger.step_split["activations"] / 2
 
 
 def test_quantized_weights_and_8_bit_states_take_their_real_sizes():
@@ -199,9 +200,9 @@ def test_block_swap_moves_the_swapped_weights_out_of_the_gpu_plan(tmp_path):
               f"output.dir={tmp_path}"]
     plain = plan_memory(build_config(preset="zimage-cpu-demo", overrides=common))
     swapped = plan_memory(build_config(preset="zimage-cpu-demo", overrides=[*common, "model.block_swap=2"]))
-    offloaded = swapped.split["system memory (block swap)"]
-    assert offloaded > 0 and plain.split["system memory (block swap)"] == 0
-    assert swapped.split["weights"] == plain.split["weights"] - offloaded
+    offloaded = swapped.step_split["system memory (block swap)"]
+    assert offloaded > 0 and plain.step_split["system memory (block swap)"] == 0
+    assert swapped.step_split["weights"] == plain.step_split["weights"] - offloaded
     assert any("Block swap keeps" in line for line in swapped.lines())
 
 
@@ -211,8 +212,30 @@ def test_offloaded_activations_leave_the_gpu_plan_for_system_memory(tmp_path, mo
     monkeypatch.setattr(activation_offload, "SMALLEST_OFFLOADED_BYTES", 0)  # the tiny model's are all small
     kept = plan_memory(tiny_config(tmp_path, "dataset.resolution=256"))
     offloaded = plan_memory(tiny_config(tmp_path, "dataset.resolution=256", "train.offload_activations=true"))
-    assert offloaded.split["activations"] < kept.split["activations"] / 2
-    assert offloaded.split["system memory (offloaded activations)"] > kept.split["activations"] / 2
-    assert offloaded.peak_bytes < kept.peak_bytes
-    assert offloaded.split["weights"] == kept.split["weights"] and offloaded.step_flops == kept.step_flops
+    assert offloaded.step_split["activations"] < kept.step_split["activations"] / 2
+    assert offloaded.step_split["system memory (offloaded activations)"] > kept.step_split["activations"] / 2
+    assert offloaded.phases["training step"] < kept.phases["training step"]
+    assert offloaded.step_split["weights"] == kept.step_split["weights"] and offloaded.step_flops == kept.step_flops
     assert any("Activation offloading keeps" in line for line in offloaded.lines())
+
+
+def test_validation_sampling_and_latent_caching_are_planned(tmp_path):
+    """Sampling renders with the training state still on the device: one denoising pass without gradients
+    (two batches with true CFG) and the VAE's decoding at the validation size; caching runs the VAE's encoder
+    before the denoiser loads."""
+    small = plan_memory(tiny_config(tmp_path, "sample.width=128", "sample.height=128", "sample.guidance_scale=1.0"))
+    cfg = plan_memory(tiny_config(tmp_path, "sample.width=128", "sample.height=128", "sample.guidance_scale=7.0"))
+    large = plan_memory(tiny_config(tmp_path, "sample.width=512", "sample.height=512", "sample.guidance_scale=7.0"))
+    sampling = "validation sampling"
+    assert 0 < small.phases[sampling] <= cfg.phases[sampling] < large.phases[sampling]
+    from lora_gui.engine.planner.trace import sampling_batch
+
+    sd15, flux = get_family("sd15"), get_family("flux")
+    with_cfg = build_config(preset="sd15-cpu-demo", overrides=["sample.guidance_scale=7"])
+    assert sampling_batch(sd15, with_cfg) == 2 and sampling_batch(flux, with_cfg) == 1  # Flux: embedded guidance
+    assert sampling_batch(sd15, build_config(preset="sd15-cpu-demo", overrides=["sample.guidance_scale=1"])) == 1
+    assert large.peak_bytes == max(large.phases.values()) == large.phases[sampling]
+    assert small.phases["caching latents"] > 0
+    bigger_images = plan_memory(tiny_config(tmp_path, "dataset.resolution=512"))
+    assert bigger_images.phases["caching latents"] > 3 * small.phases["caching latents"]
+    assert any(line.startswith("Peaks by phase: training step") for line in large.lines())

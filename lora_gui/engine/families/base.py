@@ -145,6 +145,10 @@ class ModelFamily(ABC):
     planning_architectures: ClassVar[dict[str, dict[str, Any]]] = {}
     # Keys of that config that count identical blocks (the planner traces a few and adds the rest).
     planning_block_counts: ClassVar[tuple[str, ...]] = ()
+    # The published VAE config of the family's models (the planner traces its encoding and decoding).
+    planning_vae: ClassVar[dict[str, Any]] = {}
+    # Whether validation sampling runs the denoiser on a conditional and an unconditional batch (true CFG).
+    samples_with_cfg: ClassVar[bool] = True
 
     @classmethod
     def claims_checkpoint(cls, tensor_names: Collection[str]) -> bool:

@@ -24,6 +24,7 @@ from lora_gui.engine.families.common import (
     unwrap,
 )
 from lora_gui.engine.families.loading import ModelLoadError, load_pipeline, resolve_source
+from lora_gui.engine.families.published_vaes import FLUX_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class FluxFamily(ModelFamily):
                "pooled_projection_dim": 768, "guidance_embeds": guidance}
         for repo, guidance in (("black-forest-labs/FLUX.1-dev", True), ("black-forest-labs/FLUX.1-schnell", False))
     }
+    planning_vae = FLUX_VAE
+    samples_with_cfg = False  # embedded guidance (dev) or none (schnell)
     planning_block_counts = ("num_layers", "num_single_layers")
 
     @classmethod

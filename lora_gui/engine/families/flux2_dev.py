@@ -21,6 +21,7 @@ from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.builtin import is_builtin
 from lora_gui.engine.families.common import fresh_scheduler, frozen_components
 from lora_gui.engine.families.loading import load_pipeline
+from lora_gui.engine.families.published_vaes import FLUX2_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ class Flux2DevFamily(ModelFamily):
             "attention_head_dim": 128, "num_attention_heads": 48, "joint_attention_dim": 15360, "mlp_ratio": 3.0,
             "guidance_embeds": True},
     }
+    planning_vae = FLUX2_VAE
+    samples_with_cfg = False  # embedded guidance
     planning_block_counts = ("num_layers", "num_single_layers")
     default_components = "black-forest-labs/FLUX.2-dev"
     # Flux.2 loaders refuse alpha keys: the single file has diffusers names with the scale folded in.

@@ -20,6 +20,7 @@ from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.builtin import is_builtin
 from lora_gui.engine.families.common import fresh_scheduler, frozen_components
 from lora_gui.engine.families.loading import load_pipeline
+from lora_gui.engine.families.published_vaes import FLUX2_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class Flux2KleinFamily(ModelFamily):
         for size, layers, single, heads, joint in (("4B", 5, 20, 24, 7680), ("9B", 8, 24, 32, 12288))
         for repo in (f"black-forest-labs/FLUX.2-klein-base-{size}", f"black-forest-labs/FLUX.2-klein-{size}")
     }
+    planning_vae = FLUX2_VAE
     planning_block_counts = ("num_layers", "num_single_layers")
     default_components = "black-forest-labs/FLUX.2-klein-base-4B"
     # Flux.2 loaders refuse alpha keys: the single file has diffusers names with the scale folded in.

@@ -27,6 +27,7 @@ from lora_gui.engine.families.common import (
     without_checkpoint_prefix,
 )
 from lora_gui.engine.families.loading import load_pipeline
+from lora_gui.engine.families.published_vaes import QWEN_IMAGE_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class QwenImageFamily(ModelFamily):
                "num_layers": 60, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584}
         for repo in ("Qwen/Qwen-Image", "Qwen/Qwen-Image-2512")
     }
+    planning_vae = QWEN_IMAGE_VAE
     planning_block_counts = ("num_layers",)
     default_components = "Qwen/Qwen-Image"
     # diffusers module names under ``diffusion_model.`` with an alpha per layer: ComfyUI maps them, and

@@ -17,6 +17,7 @@ from lora_gui.engine.families.common import (
     frozen_components,
 )
 from lora_gui.engine.families.loading import load_pipeline
+from lora_gui.engine.families.published_vaes import SD_VAE
 from lora_gui.engine.objectives import DiffusionObjective
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class SD15Family(ModelFamily):
             "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
         },
     }
+    planning_vae = SD_VAE
     caption_tokens = 77  # CLIP's context, per text encoder
 
     @classmethod

@@ -26,6 +26,7 @@ from lora_gui.engine.families.common import (
     without_checkpoint_prefix,
 )
 from lora_gui.engine.families.loading import load_pipeline
+from lora_gui.engine.families.published_vaes import FLUX_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class ZImageFamily(ModelFamily):
                "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "cap_feat_dim": 2560}
         for repo in ("Tongyi-MAI/Z-Image", "Tongyi-MAI/Z-Image-Turbo")
     }
+    planning_vae = FLUX_VAE
     planning_block_counts = ("n_layers",)
     default_components = "Tongyi-MAI/Z-Image"
     # The single LoRA file: diffusers module names under ``diffusion_model.`` with an alpha per layer, which

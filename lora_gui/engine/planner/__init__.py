@@ -39,6 +39,8 @@ class MemoryPlan:
     not_traced: tuple[str, ...] = field(default=())
     step_flops: int = 0  # one optimizer step's forward and backward passes, as traced
     max_steps: int = 0
+    phases: dict[str, int] = field(default_factory=dict)  # the peak of each phase of the run
+    step_split: dict[str, int] = field(default_factory=dict)  # the categories at the training step's peak
 
     @property
     def allowance_bytes(self) -> int:
@@ -61,18 +63,21 @@ class MemoryPlan:
     def lines(self) -> list[str]:
         parts = ", ".join(f"{name} {size_text(size)}" for name, size in self.split.items()
                           if size and not name.startswith("system memory"))
+        phases = ", ".join(f"{name} {size_text(size)}" for name, size in self.phases.items() if size)
         lines = [
-            f"Training step, {self.family} at {self.resolution} px, batch {self.batch_size}: "
-            f"peak {size_text(self.peak_bytes)} traced ({parts})",
+            f"{self.family} at {self.resolution} px, batch {self.batch_size}: peak {size_text(self.peak_bytes)} traced "
+            f"({parts})",
+            *([f"Peaks by phase: {phases}"] if phases else []),
             f"Allowance for the CUDA context and allocator (assumed, not traced): {size_text(self.allowance_bytes)}; "
             f"total {size_text(self.total_bytes)}",
         ]
-        swapped = self.split.get("system memory (block swap)", 0)
+        swapped = self.step_split.get("system memory (block swap)", 0)
         if swapped:
             lines.append(f"Block swap keeps {size_text(swapped)} of frozen weights in system memory")
-        offloaded = self.split.get("system memory (offloaded activations)", 0)
+        offloaded = self.step_split.get("system memory (offloaded activations)", 0)
         if offloaded:
-            lines.append(f"Activation offloading keeps {size_text(offloaded)} in system memory at that moment")
+            lines.append(f"Activation offloading keeps {size_text(offloaded)} in system memory at the training step's "
+                         "peak")
         lines += [f"Not planned yet: {item}" for item in self.not_traced]
         lines.append(f"(traced in {self.seconds:.0f} s)")
         return lines

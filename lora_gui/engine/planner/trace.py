@@ -10,20 +10,23 @@ import torch
 from lora_gui.config import TrainingConfig
 from lora_gui.engine.families.base import Components, ModelFamily
 from lora_gui.engine.planner import MemoryPlan, PlanError
-from lora_gui.engine.planner.architecture import build_on_meta, denoiser_config
+from lora_gui.engine.planner.architecture import build_on_meta, denoiser_config, vae_config
 from lora_gui.engine.planner.live_bytes import LiveBytes
 from lora_gui.engine.planner.stand_ins import optimizer_state_bytes, stand_in_quantized_layers
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NOT_TRACED = (
-    "caching latents and captions (VAE and text encoders; they leave the GPU before training starts)",
-    "validation sampling",
+    "the text encoders while they encode the captions (they run on the GPU only when they fit beside nothing else; "
+    "otherwise on the CPU)",
 )
+SAMPLING = "validation sampling"
+STEP_PHASES = ("activations", "backward", "optimizer state")
 
 
 SWAPPED = "system memory (block swap)"
 OFFLOADED = "system memory (offloaded activations)"
-CATEGORIES = ("weights", "LoRA", "gradients", "optimizer state", "activations", "backward", SWAPPED, OFFLOADED)
+CATEGORIES = ("weights", "LoRA", "gradients", "optimizer state", "activations", "backward", "VAE", SAMPLING, SWAPPED,
+              OFFLOADED)
 # Repeated blocks are traced at these counts and the rest follows linearly (see _extrapolated).
 BASE_BLOCKS = 1
 
@@ -40,18 +43,29 @@ def trace_training_step(config: TrainingConfig, cache_dir: str | None = None, ex
     counts = {key: count for key in family.planning_block_counts
               if (count := block_count(architecture, key)) > BASE_BLOCKS + 1}
     whole = exact or not counts or config.model.block_swap > 0  # swapped blocks are the last ones: trace them all
-    traced = trace_step(family, config, architecture) if whole else _extrapolated(family, config, architecture, counts)
+    vae = vae_config(family, config.model, cache_dir)
+    traced = (trace_step(family, config, architecture, vae) if whole
+              else _extrapolated(family, config, architecture, counts, vae))
+    caching = _caching_peak(config, vae)
+    step_peak, step_split = max((traced.phases[name] for name in STEP_PHASES if name in traced.phases),
+                                key=lambda item: item[0])
+    phases = {"training step": step_peak, SAMPLING: traced.phases.get(SAMPLING, (0, {}))[0],
+              "caching latents": caching}
     peak, split = max(traced.phases.values(), key=lambda item: item[0])
     notes = NOT_TRACED + (("the text encoders' LoRA (lora.train_text_encoder)",) if config.lora.train_text_encoder else ())
+    notes += ("the VAE (no config for this base)",) if vae is None else ()
+    if caching > peak:
+        peak, split = caching, {**dict.fromkeys(CATEGORIES, 0), "VAE": caching}
     return MemoryPlan(family=family.name, resolution=config.dataset.resolution, batch_size=config.train.batch_size,
                       peak_bytes=peak, split=split, seconds=time.perf_counter() - started, not_traced=notes,
                       step_flops=traced.flops * config.train.gradient_accumulation,
-                      max_steps=config.train.max_steps)
+                      max_steps=config.train.max_steps, phases=phases, step_split=step_split)
 
 
-def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict) -> StepTrace:
-    """For each phase of one training step of this architecture (forward, backward, optimizer), the most
-    bytes live at once and their split at that moment; and the step's FLOPs (``FlopCount``)."""
+def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict, vae: dict | None = None) -> StepTrace:
+    """For each phase of one training step of this architecture (forward, backward, optimizer) and of the
+    validation sampling that follows (the denoiser without gradients, CFG's two batches, the VAE's decoding),
+    the most bytes live at once and their split at that moment; and the step's FLOPs (``FlopCount``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lora_gui.engine.planner.flops import FlopCount
@@ -62,6 +76,7 @@ def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict) 
     tracker = LiveBytes(off_device=frozenset({SWAPPED, OFFLOADED}))
     with FakeTensorMode(allow_non_fake_inputs=True):
         denoiser.to_empty(device="cpu")
+        vae_model = _vae_built(vae, weight_dtype) if vae is not None else None  # its weights count when sampling
         trainable = [p for p in denoiser.parameters() if p.requires_grad]
         if config.train.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
@@ -69,30 +84,35 @@ def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict) 
         _track_parameters(tracker, denoiser, trainable)
         denoiser.train()
         side = config.dataset.resolution
-        with tracker, FlopCount() as counter:
-            _forward_backward(tracker, family, config, denoiser, architecture, side, weight_dtype, compute_dtype)
+        with tracker:
+            with FlopCount() as counter:
+                _forward_backward(tracker, family, config, denoiser, architecture, side, weight_dtype, compute_dtype)
             tracker.phase = "optimizer state"
             states = [torch.empty(optimizer_state_bytes(config.train.optimizer, p), dtype=torch.uint8)
                       for p in trainable]
             for state in states:
                 tracker.track(state, "optimizer state")
+            for parameter in trainable:
+                parameter.grad = None  # the optimizer's zero_grad, before the images are rendered
+            tracker.phase = SAMPLING
+            _sampling(tracker, family, config, denoiser, architecture, vae_model, weight_dtype, compute_dtype)
     phases = {phase: (peak, {name: split.get(name, 0) for name in CATEGORIES})
               for phase, (peak, split) in tracker.phase_peaks.items()}
     return StepTrace(phases, counter.flops)
 
 
 def _extrapolated(family: ModelFamily, config: TrainingConfig, architecture: dict,
-                  counts: dict[str, int]) -> StepTrace:
+                  counts: dict[str, int], vae: dict | None = None) -> StepTrace:
     """A model with long stacks of identical blocks, traced with BASE_BLOCKS of each kind and with one more of
     each kind in turn: what one more block adds to each phase's peak (its weights, LoRA, gradients, optimizer
     state and saved activations, and its FLOPs) is added for every further block. Tests check it against
     whole-model traces."""
     small = with_block_counts(architecture, {key: BASE_BLOCKS for key in counts})
-    base = trace_step(family, config, small)
+    base = trace_step(family, config, small, vae)
     phases = {phase: (peak, dict(split)) for phase, (peak, split) in base.phases.items()}
     flops = base.flops
     for key, count in counts.items():
-        more = trace_step(family, config, with_block_counts(small, {key: BASE_BLOCKS + 1}))
+        more = trace_step(family, config, with_block_counts(small, {key: BASE_BLOCKS + 1}), vae)
         extra = count - BASE_BLOCKS
         for phase, (peak, split) in phases.items():
             extra_peak, extra_split = more.phases[phase]
@@ -221,3 +241,82 @@ def _offloading(tracker: LiveBytes, config: TrainingConfig):
         return packed if isinstance(packed, torch.Tensor) else packed[0].clone()
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def sample_size(config: TrainingConfig, family: ModelFamily) -> tuple[int, int]:
+    """(height, width) of the validation images, as sampling snaps them."""
+    multiple, side = family.size_multiple, config.dataset.resolution
+
+    def snap(value: int) -> int:
+        return max(multiple, (value or side) // multiple * multiple)
+
+    return snap(config.sample.height), snap(config.sample.width)
+
+
+def sampling_batch(family: ModelFamily, config: TrainingConfig) -> int:
+    """The denoiser's batch per validation image: a conditional and an unconditional one with true CFG."""
+    return 2 if family.samples_with_cfg and config.sample.guidance_scale > 1 else 1
+
+
+def _sampling(tracker, family, config, denoiser, architecture, vae, weight_dtype, compute_dtype) -> None:
+    """One denoising step without gradients at the validation size (two batches with true CFG), then the VAE
+    decoding the image, with the training state still on the device."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    height, width = sample_size(config, family)
+    batch = sampling_batch(family, config)
+    latents, embeds, conditioning = family.planning_inputs(architecture, batch, height, width, weight_dtype)
+    components = Components(denoiser=denoiser, vae=None, text_encoders=[], tokenizers=[], scheduler=None,
+                            source="planner", device=torch.device("cpu"), weight_dtype=weight_dtype)
+    autocast = torch.autocast("cpu", dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    denoiser.eval()
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]), autocast:
+        family.predict(components, latents, torch.full((batch,), 500.0), embeds, conditioning, config.train)
+    del latents, embeds
+    if vae is not None:
+        _track_vae(tracker, vae)
+        with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            vae.decode(_vae_latents(vae, 1, height, width, weight_dtype))
+
+
+def _vae_built(architecture: dict, dtype):
+    """The VAE on the fake device (built before a tracker starts: tracked tensors cannot be swapped in place)."""
+    vae = build_on_meta(architecture)
+    for module in vae.modules():  # set one by one: module.to() would swap tensors the fake mode already tracks
+        for name, parameter in module.named_parameters(recurse=False):
+            module._parameters[name] = torch.nn.Parameter(torch.empty(parameter.shape, dtype=dtype), requires_grad=False)
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype if not buffer.is_floating_point()
+                                                else dtype)
+    return vae.eval()
+
+
+def _track_vae(tracker: LiveBytes, vae) -> None:
+    for tensor in (*vae.parameters(), *vae.buffers()):
+        tracker.track(tensor, "VAE")
+
+
+def _vae_latents(vae, batch: int, height: int, width: int, dtype) -> torch.Tensor:
+    channels = vae.config.get("z_dim") or vae.config.get("latent_channels")
+    if "z_dim" in vae.config:  # Qwen-Image's video VAE: one frame
+        return torch.empty(batch, channels, 1, height // 8, width // 8, dtype=dtype)
+    return torch.empty(batch, channels, height // 8, width // 8, dtype=dtype)
+
+
+def _caching_peak(config: TrainingConfig, vae_architecture: dict | None) -> int:
+    """The VAE encoding a batch of training images into the latent cache: it runs before the denoiser loads."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if vae_architecture is None:
+        return 0
+    dtype = DTYPES.get(config.model.weight_dtype, torch.bfloat16)
+    side, batch = config.dataset.resolution, config.train.batch_size
+    tracker = LiveBytes()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        vae = _vae_built(vae_architecture, dtype)
+        _track_vae(tracker, vae)
+        shape = (batch, 3, 1, side, side) if "z_dim" in vae.config else (batch, 3, side, side)
+        with tracker, torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            vae.encode(torch.empty(shape, dtype=dtype)).latent_dist.mode()
+    return tracker.peak
