@@ -28,7 +28,6 @@ def tiny_config(tmp_path, *overrides):
 
 def real_step_peak(config) -> tuple[int, dict, int]:
     """The same step with real tensors on the CPU, counted by the same tracker; and its FLOPs."""
-    from lora_gui.engine.planner.flops import FlopCount
 
     family = get_family("sd15")
     architecture = denoiser_config(family, config.model)
@@ -40,10 +39,11 @@ def real_step_peak(config) -> tuple[int, dict, int]:
     _track_parameters(tracker, denoiser, trainable)
     if config.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    with tracker, FlopCount() as counter:
+    tracker.count_flops = True
+    with tracker:
         _forward_backward(tracker, family, config, denoiser, architecture, config.dataset.resolution,
                           torch.float32, torch.float32)
-    return tracker.peak, tracker.peak_split, counter.flops
+    return tracker.peak, tracker.peak_split, tracker.flops
 
 
 def test_the_fake_trace_equals_the_real_step_on_the_cpu(tmp_path):
@@ -239,3 +239,21 @@ def test_validation_sampling_and_latent_caching_are_planned(tmp_path):
     bigger_images = plan_memory(tiny_config(tmp_path, "dataset.resolution=512"))
     assert bigger_images.phases["caching latents"] > 3 * small.phases["caching latents"]
     assert any(line.startswith("Peaks by phase: training step") for line in large.lines())
+
+
+def test_the_flop_count_covers_products_convolutions_and_attention():
+    """What the planner adds up per operation: torch's formulas, with the CPU flash-attention kernels the fake
+    trace runs counted as the GPU's flash attention (torch's own counter has no formula for them)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lora_gui.engine.planner.flops import FlopCount
+
+    query = torch.randn(1, 4, 256, 64, requires_grad=True)
+    with FlopCount() as counted, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        torch.nn.functional.scaled_dot_product_attention(query, query, query).sum().backward()
+    forward = 2 * 2 * 4 * 256 * 256 * 64  # QK^T and (softmax)V: 2 FLOPs per multiply-add
+    assert counted.flops == forward + int(2.5 * forward)  # torch's formula: the backward pass does 2.5x the work
+    linear = torch.nn.Linear(64, 32)
+    with FlopCount() as counted:
+        linear(torch.randn(10, 64))
+    assert counted.flops == 2 * 10 * 64 * 32

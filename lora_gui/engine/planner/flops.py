@@ -19,16 +19,24 @@ SAME_WORK = {
 }
 
 
+FORMULAS = {**flop_registry, **{op: flop_registry[same] for op, same in SAME_WORK.items()}}
+
+
+def op_flops(func, args, kwargs, out) -> int:
+    """The FLOPs of one dispatched operation (0 for those without a formula: elementwise, norms, copies)."""
+    formula = FORMULAS.get(func._overloadpacket)
+    return int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
+
+
 class FlopCount(TorchDispatchMode):
+    """Counts on its own; the planner's ``LiveBytes`` counts the same in its own dispatch (one mode is faster)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.flops = 0
-        self.formulas = {**flop_registry, **{op: flop_registry[same] for op, same in SAME_WORK.items()}}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = self.formulas.get(func._overloadpacket)
-        if formula is not None:
-            self.flops += int(formula(*args, **kwargs, out_val=out))
+        self.flops += op_flops(func, args, kwargs, out)
         return out

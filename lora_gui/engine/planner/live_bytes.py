@@ -31,6 +31,8 @@ class LiveBytes(TorchDispatchMode):
         self.phase = "activations"
         self.phase_peaks: dict[str, tuple[int, dict[str, int]]] = {}
         self._finalizers: list[weakref.ref] = []
+        self.count_flops = False  # while True, FLOPs of the dispatched operations add up in ``flops``
+        self.flops = 0
 
     def track(self, tensor: torch.Tensor, category: str, move: bool = True) -> None:
         storage = tensor.untyped_storage()
@@ -60,6 +62,11 @@ class LiveBytes(TorchDispatchMode):
         self.total -= self._on_device(entry[0], entry[1])
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
         tree_map_only(torch.Tensor, lambda tensor: self.track(tensor, self.phase, move=False), result)
+        if self.count_flops:
+            from lora_gui.engine.planner.flops import op_flops
+
+            self.flops += op_flops(func, args, kwargs, result)
         return result

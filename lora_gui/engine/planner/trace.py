@@ -20,6 +20,7 @@ NOT_TRACED = (
     "otherwise on the CPU)",
 )
 SAMPLING = "validation sampling"
+AFTER_SAMPLING = "resident while decoding"  # what stays on the device while the VAE decodes (no activations)
 STEP_PHASES = ("activations", "backward", "optimizer state")
 
 
@@ -44,14 +45,19 @@ def trace_training_step(config: TrainingConfig, cache_dir: str | None = None, ex
               if (count := block_count(architecture, key)) > BASE_BLOCKS + 1}
     whole = exact or not counts or config.model.block_swap > 0  # swapped blocks are the last ones: trace them all
     vae = vae_config(family, config.model, cache_dir)
-    traced = (trace_step(family, config, architecture, vae) if whole
-              else _extrapolated(family, config, architecture, counts, vae))
-    caching = _caching_peak(config, vae)
+    traced = (trace_step(family, config, architecture) if whole
+              else _extrapolated(family, config, architecture, counts))
+    caching, decoding = _vae_peaks(config, family, vae)
     step_peak, step_split = max((traced.phases[name] for name in STEP_PHASES if name in traced.phases),
                                 key=lambda item: item[0])
-    phases = {"training step": step_peak, SAMPLING: traced.phases.get(SAMPLING, (0, {}))[0],
+    resident, resident_split = traced.phases[AFTER_SAMPLING]
+    candidates = {name: traced.phases[name] for name in (*STEP_PHASES, SAMPLING) if name in traced.phases}
+    if decoding:
+        candidates["decoding"] = (resident + decoding, {**resident_split, "VAE": decoding})
+    phases = {"training step": step_peak,
+              SAMPLING: max(candidates.get(SAMPLING, (0, {}))[0], candidates.get("decoding", (0, {}))[0]),
               "caching latents": caching}
-    peak, split = max(traced.phases.values(), key=lambda item: item[0])
+    peak, split = max(candidates.values(), key=lambda item: item[0])
     notes = NOT_TRACED + (("the text encoders' LoRA (lora.train_text_encoder)",) if config.lora.train_text_encoder else ())
     notes += ("the VAE (no config for this base)",) if vae is None else ()
     if caching > peak:
@@ -62,13 +68,12 @@ def trace_training_step(config: TrainingConfig, cache_dir: str | None = None, ex
                       max_steps=config.train.max_steps, phases=phases, step_split=step_split)
 
 
-def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict, vae: dict | None = None) -> StepTrace:
+def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict) -> StepTrace:
     """For each phase of one training step of this architecture (forward, backward, optimizer) and of the
-    validation sampling that follows (the denoiser without gradients, CFG's two batches, the VAE's decoding),
-    the most bytes live at once and their split at that moment; and the step's FLOPs (``FlopCount``)."""
+    validation sampling that follows (the denoiser without gradients, CFG's two batches), the most bytes live at
+    once and their split at that moment; what stays resident while the VAE then decodes (``AFTER_SAMPLING``);
+    and the step's FLOPs (counted by ``LiveBytes`` with ``flops.op_flops``). The VAE is traced once on its own (``_vae_peaks``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from lora_gui.engine.planner.flops import FlopCount
 
     weight_dtype = DTYPES.get(config.model.weight_dtype, torch.bfloat16)  # auto: bf16 on a GPU
     compute_dtype = DTYPES.get(config.train.mixed_precision, torch.bfloat16)
@@ -76,7 +81,6 @@ def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict, 
     tracker = LiveBytes(off_device=frozenset({SWAPPED, OFFLOADED}))
     with FakeTensorMode(allow_non_fake_inputs=True):
         denoiser.to_empty(device="cpu")
-        vae_model = _vae_built(vae, weight_dtype) if vae is not None else None  # its weights count when sampling
         trainable = [p for p in denoiser.parameters() if p.requires_grad]
         if config.train.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
@@ -85,8 +89,9 @@ def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict, 
         denoiser.train()
         side = config.dataset.resolution
         with tracker:
-            with FlopCount() as counter:
-                _forward_backward(tracker, family, config, denoiser, architecture, side, weight_dtype, compute_dtype)
+            tracker.count_flops = True
+            _forward_backward(tracker, family, config, denoiser, architecture, side, weight_dtype, compute_dtype)
+            tracker.count_flops = False
             tracker.phase = "optimizer state"
             states = [torch.empty(optimizer_state_bytes(config.train.optimizer, p), dtype=torch.uint8)
                       for p in trainable]
@@ -95,24 +100,26 @@ def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict, 
             for parameter in trainable:
                 parameter.grad = None  # the optimizer's zero_grad, before the images are rendered
             tracker.phase = SAMPLING
-            _sampling(tracker, family, config, denoiser, architecture, vae_model, weight_dtype, compute_dtype)
+            _sampling(tracker, family, config, denoiser, architecture, weight_dtype, compute_dtype)
+            resident = (tracker.total, dict(tracker.live))
     phases = {phase: (peak, {name: split.get(name, 0) for name in CATEGORIES})
               for phase, (peak, split) in tracker.phase_peaks.items()}
-    return StepTrace(phases, counter.flops)
+    phases[AFTER_SAMPLING] = (resident[0], {name: resident[1].get(name, 0) for name in CATEGORIES})
+    return StepTrace(phases, tracker.flops)
 
 
 def _extrapolated(family: ModelFamily, config: TrainingConfig, architecture: dict,
-                  counts: dict[str, int], vae: dict | None = None) -> StepTrace:
+                  counts: dict[str, int]) -> StepTrace:
     """A model with long stacks of identical blocks, traced with BASE_BLOCKS of each kind and with one more of
     each kind in turn: what one more block adds to each phase's peak (its weights, LoRA, gradients, optimizer
     state and saved activations, and its FLOPs) is added for every further block. Tests check it against
     whole-model traces."""
     small = with_block_counts(architecture, {key: BASE_BLOCKS for key in counts})
-    base = trace_step(family, config, small, vae)
+    base = trace_step(family, config, small)
     phases = {phase: (peak, dict(split)) for phase, (peak, split) in base.phases.items()}
     flops = base.flops
     for key, count in counts.items():
-        more = trace_step(family, config, with_block_counts(small, {key: BASE_BLOCKS + 1}), vae)
+        more = trace_step(family, config, with_block_counts(small, {key: BASE_BLOCKS + 1}))
         extra = count - BASE_BLOCKS
         for phase, (peak, split) in phases.items():
             extra_peak, extra_split = more.phases[phase]
@@ -258,9 +265,9 @@ def sampling_batch(family: ModelFamily, config: TrainingConfig) -> int:
     return 2 if family.samples_with_cfg and config.sample.guidance_scale > 1 else 1
 
 
-def _sampling(tracker, family, config, denoiser, architecture, vae, weight_dtype, compute_dtype) -> None:
-    """One denoising step without gradients at the validation size (two batches with true CFG), then the VAE
-    decoding the image, with the training state still on the device."""
+def _sampling(tracker, family, config, denoiser, architecture, weight_dtype, compute_dtype) -> None:
+    """One denoising step without gradients at the validation size (two batches with true CFG), with the
+    training state still on the device."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     height, width = sample_size(config, family)
@@ -273,10 +280,6 @@ def _sampling(tracker, family, config, denoiser, architecture, vae, weight_dtype
     with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]), autocast:
         family.predict(components, latents, torch.full((batch,), 500.0), embeds, conditioning, config.train)
     del latents, embeds
-    if vae is not None:
-        _track_vae(tracker, vae)
-        with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            vae.decode(_vae_latents(vae, 1, height, width, weight_dtype))
 
 
 def _vae_built(architecture: dict, dtype):
@@ -303,20 +306,28 @@ def _vae_latents(vae, batch: int, height: int, width: int, dtype) -> torch.Tenso
     return torch.empty(batch, channels, height // 8, width // 8, dtype=dtype)
 
 
-def _caching_peak(config: TrainingConfig, vae_architecture: dict | None) -> int:
-    """The VAE encoding a batch of training images into the latent cache: it runs before the denoiser loads."""
+def _vae_peaks(config: TrainingConfig, family: ModelFamily, vae_architecture: dict | None) -> tuple[int, int]:
+    """The VAE's own peaks: encoding a batch of training images into the latent cache (before the denoiser
+    loads), and decoding a validation image (weights and activations, added to what sampling leaves resident)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if vae_architecture is None:
-        return 0
+        return 0, 0
     dtype = DTYPES.get(config.model.weight_dtype, torch.bfloat16)
     side, batch = config.dataset.resolution, config.train.batch_size
-    tracker = LiveBytes()
+    height, width = sample_size(config, family)
+    peaks = []
     with FakeTensorMode(allow_non_fake_inputs=True):
         vae = _vae_built(vae_architecture, dtype)
-        _track_vae(tracker, vae)
-        shape = (batch, 3, 1, side, side) if "z_dim" in vae.config else (batch, 3, side, side)
-        with tracker, torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            vae.encode(torch.empty(shape, dtype=dtype)).latent_dist.mode()
-    return tracker.peak
+        for run in ("encode", "decode"):
+            tracker = LiveBytes()
+            _track_vae(tracker, vae)
+            with tracker, torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                if run == "encode":
+                    shape = (batch, 3, 1, side, side) if "z_dim" in vae.config else (batch, 3, side, side)
+                    vae.encode(torch.empty(shape, dtype=dtype)).latent_dist.mode()
+                else:
+                    vae.decode(_vae_latents(vae, 1, height, width, dtype))
+            peaks.append(tracker.peak)
+    return peaks[0], peaks[1]
