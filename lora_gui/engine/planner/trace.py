@@ -16,7 +16,7 @@ from lora_gui.engine.planner.stand_ins import optimizer_state_bytes, stand_in_qu
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NOT_TRACED = (
-    "the text encoders while they encode the captions (they run on the GPU only when they fit beside nothing else; "
+    "the text encoders while they encode the captions (they run on the GPU only when they fit in its free memory, "
     "otherwise on the CPU)",
 )
 SAMPLING = "validation sampling"
