@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lora_gui.captioning.base import CaptionerError
-from lora_gui.engine.families.loading import HUB_ID, ModelLoadError, hub_errors, status_tqdm
+from lora_gui.engine.families.hub import hub_errors, status_tqdm
+from lora_gui.engine.families.loading import HUB_ID, ModelLoadError
 from lora_gui.events import Emit, Status
 
 # Configs, tokenizers and safetensors weights; pickled weights (.bin, .pt) are never fetched.

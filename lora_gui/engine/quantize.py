@@ -36,6 +36,11 @@ def quantize_text_encoder(encoder: torch.nn.Module, mode: str, device: torch.dev
     return _quanto(encoder, mode, keep=TEXT_ENCODER_FULL_PRECISION, option="model.quantize_text_encoders")
 
 
+def quantize_text_encoders_on_cpu(encoders: list[torch.nn.Module], mode: str) -> int:
+    """Quantize each text encoder on the CPU (before it visits the accelerator); the number of layers quantized."""
+    return sum(quantize_text_encoder(encoder, mode, torch.device("cpu")) for encoder in encoders)
+
+
 def keeps_full_precision(layer_name: str, keep: tuple[str, ...] = KEEP_FULL_PRECISION) -> bool:
     """Whether the layer belongs to a top-level module that stays in full precision."""
     return layer_name.split(".", 1)[0] in keep

@@ -39,7 +39,7 @@ from lora_gui.engine.merge import merge_loras
 from lora_gui.engine.metrics import MetricsLog
 from lora_gui.engine.optim import build_lr_scheduler, build_optimizer, current_lr
 from lora_gui.engine.outputs import OutputLock, hold_output_folder, start_fresh
-from lora_gui.engine.quantize import quantize_denoiser, quantize_text_encoder
+from lora_gui.engine.quantize import quantize_denoiser, quantize_text_encoders_on_cpu
 from lora_gui.engine.sampling import SampleSettings, encode_sampling_prompts, render, save_images
 from lora_gui.events import (
     CheckpointSaved,
@@ -296,13 +296,13 @@ class TrainingRun:
             raise TrainingError("model.quantize_text_encoders cannot be used with lora.train_text_encoder.",
                                 "Set model.quantize_text_encoders = 'none' to train the text encoder, or turn "
                                 "lora.train_text_encoder off.")
-        count = quantized_text_encoders(self.components.text_encoders, mode)
+        count = quantize_text_encoders_on_cpu(self.components.text_encoders, mode)
         self.status(f"Quantized {count} layers of the text encoder(s) to {mode}")
         load_again = self.components.text_encoder_loader
         if load_again is not None:
             def quantized_again() -> list:
                 encoders = load_again()
-                quantized_text_encoders(encoders, mode)
+                quantize_text_encoders_on_cpu(encoders, mode)
                 return encoders
 
             self.components.text_encoder_loader = quantized_again
@@ -666,8 +666,3 @@ class TrainingRun:
 
 # torch.compile's options for train.compile_blocks (its default backend, inductor, unless a test says otherwise).
 COMPILE_OPTIONS: dict = {}
-
-
-def quantized_text_encoders(encoders: list, mode: str) -> int:
-    """Quantize each text encoder on the CPU; the number of layers quantized."""
-    return sum(quantize_text_encoder(encoder, mode, torch.device("cpu")) for encoder in encoders)

@@ -13,10 +13,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_gui.engine.families.loading import ModelLoadError, refuse_pickle, refuse_scaled_fp8
+from lora_gui.engine.families.loading import (
+    ModelLoadError,
+    load_part,
+    part_class,
+    refuse_pickle,
+    refuse_scaled_fp8,
+    text_encoder_keys,
+)
+from lora_gui.events import Status
 
 if TYPE_CHECKING:
     import torch
+
+    from lora_gui.config import ModelSection
+    from lora_gui.events import Emit
 
 # Module names of the parts text-only encoding never runs: a file may leave them out.
 UNUSED_FOR_TEXT = ("lm_head.", "visual.", "vision_tower.", "multi_modal_projector.")
@@ -24,6 +35,47 @@ WRAPPER_PREFIXES = (("model.language_model.", ""), ("language_model.model.", "")
                     ("model.visual.", "visual."), ("model.vision_tower.", "vision_tower."),
                     ("model.multi_modal_projector.", "multi_modal_projector."), ("model.", ""))
 VAE_FILE_PREFIXES = ("first_stage_model.", "vae.")
+
+
+def file_replaced_patterns(model: ModelSection) -> list[str]:
+    """Download patterns of the parts that ``model.text_encoder_files`` / ``model.vae_file`` replace."""
+    keys = ["text_encoder", "text_encoder_2"][:len(model.text_encoder_files)]
+    if model.vae_file:
+        keys.append("vae")
+    return [f"{key}/*.safetensors" for key in keys]
+
+
+def component_files(model: ModelSection, folder: Path, dtype: torch.dtype, emit: Emit) -> dict[str, Any]:
+    """The parts that ``model.text_encoder_files`` and ``model.vae_file`` give, loaded with ``folder``'s configs."""
+    keys = text_encoder_keys(folder)
+    if len(model.text_encoder_files) > len(keys):
+        raise ModelLoadError(f"model.text_encoder_files names {len(model.text_encoder_files)} files, but this model "
+                             f"has {len(keys)} text encoder(s) ({', '.join(keys) or 'none'}). Give one file per text "
+                             "encoder, in that order.")
+    parts = _text_encoders_from_files(model, folder, keys, dtype, emit, "from {path}")
+    if model.vae_file:
+        emit(Status(f"Loading the VAE from {model.vae_file}"))
+        parts["vae"] = load_vae_file(model.vae_file, part_class(folder, "vae"), folder / "vae", dtype)
+    return parts
+
+
+def text_encoders_from(model: ModelSection, folder: Path, dtype: torch.dtype, emit: Emit) -> dict[str, Any]:
+    """The text encoders alone, from their files or the folder (to load them again after they were released)."""
+    keys = text_encoder_keys(folder)
+    encoders = _text_encoders_from_files(model, folder, keys, dtype, emit, "again")
+    for key in keys[len(encoders):]:
+        emit(Status(f"Loading the {key.replace('_', ' ')} again"))
+        encoders[key] = load_part(part_class(folder, key), folder / key, dtype, "dtype")
+    return encoders
+
+
+def _text_encoders_from_files(model: ModelSection, folder: Path, keys: list[str], dtype: torch.dtype, emit: Emit,
+                              how: str) -> dict[str, Any]:
+    encoders = {}
+    for key, path in zip(keys, model.text_encoder_files, strict=False):
+        emit(Status(f"Loading the {key.replace('_', ' ')} {how.format(path=path)}"))
+        encoders[key] = load_text_encoder_file(path, part_class(folder, key), folder / key, dtype)
+    return encoders
 
 
 def canonical_text_name(name: str) -> str:

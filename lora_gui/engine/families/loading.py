@@ -2,15 +2,12 @@
 
 Every problem a person can fix becomes a ``ModelLoadError`` that says what happened and what
 to do. Pickled checkpoints (.ckpt, .pt, .pth, .bin) are refused before they are opened.
-Hub downloads report progress as ``Status`` events.
+Hub downloads (``hub.py``) report progress as ``Status`` events.
 """
 
 from __future__ import annotations
 
-import errno
-import io
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -157,11 +154,18 @@ def load_pipeline(
     pipeline parts saved as multimodal processors that are loaded as their tokenizer alone;
     ``strip_prefix`` a prefix single files may carry that the part's loader does not remove.
     """
+    from lora_gui.engine.families.component_files import (
+        component_files,
+        file_replaced_patterns,
+        text_encoders_from,
+    )
+    from lora_gui.engine.families.hub import download_snapshot
+
     source = source or resolve_source(model.base, model.cache_dir)
     emit(Status(f"Loading base model {model.base}"))
     if source.kind in ("hub", "folder"):
         folder = (download_snapshot(source.location, model.revision, model.cache_dir, emit,
-                                    skip=[*SKIPPED_PATTERNS, *_file_replaced_patterns(model)])
+                                    skip=[*SKIPPED_PATTERNS, *file_replaced_patterns(model)])
                   if source.kind == "hub" else Path(source.location))
         deferred = {denoiser_key: None} if denoiser_key else {}
         parts = component_files(model, folder, dtype, emit)
@@ -179,7 +183,7 @@ def load_pipeline(
         return LoadedPipeline(pipe, source.location, config, denoiser_key)
     name, part_class = single_file_part
     refuse_scaled_fp8(source.location, _tensor_names(source.location))  # before anything loads
-    skipped = [*SKIPPED_PATTERNS, f"{name}/*.safetensors", *_file_replaced_patterns(model)]
+    skipped = [*SKIPPED_PATTERNS, f"{name}/*.safetensors", *file_replaced_patterns(model)]
     with _explain_components(spec, f"everything but the {name} (VAE, text encoders, configs)"):
         config = components_folder(spec, model.cache_dir, emit, WEIGHT_PATTERNS, skipped)
     parts = component_files(model, config, dtype, emit)
@@ -192,14 +196,6 @@ def load_pipeline(
 
     return LoadedPipeline(pipe, source.location, config, name, load_part,
                           lambda: text_encoders_from(model, config, dtype, emit))
-
-
-def _file_replaced_patterns(model: ModelSection) -> list[str]:
-    """Download patterns of the parts that ``model.text_encoder_files`` / ``model.vae_file`` replace."""
-    keys = ["text_encoder", "text_encoder_2"][:len(model.text_encoder_files)]
-    if model.vae_file:
-        keys.append("vae")
-    return [f"{key}/*.safetensors" for key in keys]
 
 
 def text_encoder_keys(folder: Path) -> list[str]:
@@ -216,52 +212,18 @@ def _model_index(folder: Path) -> dict[str, Any]:
                              "model folder.") from exc
 
 
-def _part_class(folder: Path, key: str) -> type:
+def part_class(folder: Path, key: str) -> type:
     import importlib
 
     library, class_name = _model_index(folder)[key][:2]
     return getattr(importlib.import_module(library), class_name)
 
 
-def component_files(model: ModelSection, folder: Path, dtype: torch.dtype, emit: Emit) -> dict[str, Any]:
-    """The parts that ``model.text_encoder_files`` and ``model.vae_file`` give, loaded with ``folder``'s configs."""
-    from lora_gui.engine.families.component_files import load_text_encoder_file, load_vae_file
-
-    keys = text_encoder_keys(folder)
-    if len(model.text_encoder_files) > len(keys):
-        raise ModelLoadError(f"model.text_encoder_files names {len(model.text_encoder_files)} files, but this model "
-                             f"has {len(keys)} text encoder(s) ({', '.join(keys) or 'none'}). Give one file per text "
-                             "encoder, in that order.")
-    parts: dict[str, Any] = {}
-    for key, path in zip(keys, model.text_encoder_files, strict=False):
-        emit(Status(f"Loading the {key.replace('_', ' ')} from {path}"))
-        parts[key] = load_text_encoder_file(path, _part_class(folder, key), folder / key, dtype)
-    if model.vae_file:
-        emit(Status(f"Loading the VAE from {model.vae_file}"))
-        parts["vae"] = load_vae_file(model.vae_file, _part_class(folder, "vae"), folder / "vae", dtype)
-    return parts
-
-
-def text_encoders_from(model: ModelSection, folder: Path, dtype: torch.dtype, emit: Emit) -> dict[str, Any]:
-    """The text encoders alone, from their files or the folder (to load them again after they were released)."""
-    from lora_gui.engine.families.component_files import load_text_encoder_file
-
-    encoders = {}
-    for index, key in enumerate(text_encoder_keys(folder)):
-        emit(Status(f"Loading the {key.replace('_', ' ')} again"))
-        model_class = _part_class(folder, key)
-        if index < len(model.text_encoder_files):
-            encoders[key] = load_text_encoder_file(model.text_encoder_files[index], model_class, folder / key, dtype)
-        else:
-            encoders[key] = _load_part(model_class, folder / key, dtype, "dtype")
-    return encoders
-
-
 def _denoiser_from_folder(folder: Path, key: str, dtype: torch.dtype) -> Any:
-    return _load_part(_part_class(folder, key), folder / key, dtype, next(iter(_dtype_kwarg(dtype))))
+    return load_part(part_class(folder, key), folder / key, dtype, next(iter(_dtype_kwarg(dtype))))
 
 
-def _load_part(model_class: type, folder: Path, dtype: torch.dtype, dtype_name: str) -> Any:
+def load_part(model_class: type, folder: Path, dtype: torch.dtype, dtype_name: str) -> Any:
     try:
         return model_class.from_pretrained(str(folder), **{dtype_name: dtype})
     except MemoryError:
@@ -317,6 +279,8 @@ def processor_chat_template(folder: Path) -> str | None:
 
 def components_folder(spec: str, cache_dir: str | None, emit: Emit, allow: list[str], skip: list[str]) -> Path:
     """The local folder behind ``model.components``: built-in, local diffusers folder or Hub id."""
+    from lora_gui.engine.families.hub import download_snapshot
+
     try:
         source = resolve_source(spec, cache_dir)
     except ModelLoadError as exc:
@@ -427,129 +391,3 @@ def place_frozen(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
     if getattr(module, "dtype", dtype) != dtype:
         module.to(dtype=dtype)
     return module
-
-
-# ----------------------------------------------------------------------------- the Hub
-
-
-def download_snapshot(repo_id: str, revision: str | None, cache_dir: str | None, emit: Emit,
-                      allow: list[str] | None = None, skip: list[str] | None = None) -> Path:
-    """Download (or find in the cache) the files a pipeline needs, reporting progress.
-
-    model_index.json comes first; only the component folders it names are fetched, so extra
-    folders some repos carry (ONNX exports, spare VAEs) are not downloaded.
-    """
-    import huggingface_hub
-
-    emit(Status(f"Fetching {repo_id} from the Hugging Face Hub (kept in the cache after the first time)"))
-    hub_cache = str(Path(cache_dir) / "hub") if cache_dir else None
-    common = {"revision": revision, "cache_dir": hub_cache, "tqdm_class": status_tqdm(emit, repo_id)}
-    with hub_errors(repo_id, revision, hub_cache):
-        index = huggingface_hub.snapshot_download(repo_id, allow_patterns=["model_index.json"], **common)
-        patterns = _component_patterns(repo_id, Path(index), allow or WEIGHT_PATTERNS)
-        ignore = skip if skip is not None else SKIPPED_PATTERNS
-        folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore, **common)
-    emit(Status(f"{repo_id} is ready"))
-    return Path(folder)
-
-
-def _component_patterns(repo_id: str, folder: Path, allow: list[str]) -> list[str]:
-    """``*/x`` patterns narrowed to the component folders that model_index.json names."""
-    try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise ModelLoadError(
-            f"{repo_id} on the Hugging Face Hub is not a diffusers model (it has no readable model_index.json). If the "
-            "repo offers a single .safetensors checkpoint, download that file and set model.base to its path."
-        ) from None
-    parts = [name for name, value in index.items() if isinstance(value, list) and value[0] is not None]
-    patterns = [p for p in allow if not p.startswith("*/")]
-    return patterns + [f"{part}/{p[2:]}" for part in parts for p in allow if p.startswith("*/")]
-
-
-@contextmanager
-def hub_errors(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> Iterator[None]:
-    """Turn huggingface_hub's exceptions into messages that say what to do."""
-    from huggingface_hub import errors
-
-    try:
-        yield
-    except errors.GatedRepoError as exc:
-        raise ModelLoadError(
-            f"{repo_id} is a gated model: its licence must be accepted before it can be downloaded. Open "
-            f"https://huggingface.co/{repo_id}, log in and accept the terms there, then give lora-gui your access "
-            "token: run `huggingface-cli login` (or `hf auth login`), or set the HF_TOKEN environment variable, and "
-            "start again."
-        ) from exc
-    except errors.RevisionNotFoundError as exc:
-        raise ModelLoadError(f"{repo_id} has no revision {revision!r}. Fix model.revision (a branch, tag or commit) "
-                             "or leave it empty for the main branch.") from exc
-    except errors.RepositoryNotFoundError as exc:
-        raise ModelLoadError(
-            f"{repo_id} was not found on the Hugging Face Hub. Check the id (owner/name, e.g. "
-            "stabilityai/stable-diffusion-xl-base-1.0). If it is a private model, log in with `huggingface-cli login` "
-            "or set HF_TOKEN. For a model already on this computer, give its folder or .safetensors path instead."
-        ) from exc
-    except OSError as exc:
-        if isinstance(exc, errors.HfHubHTTPError) or not _is_network_error(exc, errors):
-            raise ModelLoadError(_other_hub_problem(repo_id, exc, cache_dir)) from exc
-        raise ModelLoadError(_offline_message(repo_id, exc)) from exc
-    except Exception as exc:
-        if not _is_network_error(exc, errors):
-            raise
-        raise ModelLoadError(_offline_message(repo_id, exc)) from exc
-
-
-def _is_network_error(exc: BaseException, errors: Any) -> bool:
-    if isinstance(exc, (ConnectionError, TimeoutError, errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
-        return True
-    return type(exc).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests", "urllib3"}
-
-
-def _offline_message(repo_id: str, exc: BaseException) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-    why = "offline mode is on (HF_HUB_OFFLINE is set)" if offline else f"{type(exc).__name__}: {exc}"
-    return (f"Could not reach the Hugging Face Hub to fetch {repo_id} ({why}), and it is not complete in the local "
-            "cache. Check the internet connection and proxy settings, or use a model already on this computer: a "
-            "diffusers folder, a single .safetensors file, or a built-in model such as builtin:tiny-sd15.")
-
-
-def _other_hub_problem(repo_id: str, exc: OSError, cache_dir: str | None) -> str:
-    where = cache_dir or "the Hugging Face cache (HF_HOME)"
-    if exc.errno == errno.ENOSPC:
-        return f"Ran out of disk space while downloading {repo_id} into {where}. Free space or set model.cache_dir " \
-               "to a drive with more room."
-    if isinstance(exc, PermissionError):
-        return f"Cannot write the download of {repo_id} into {where}: {exc}. Set model.cache_dir to a folder you " \
-               "can write to."
-    return (f"Downloading {repo_id} from the Hugging Face Hub failed: {type(exc).__name__}: {exc}. A 401/403 means "
-            "you need to log in (`huggingface-cli login` or HF_TOKEN); a 5xx error usually passes, so try again later.")
-
-
-def status_tqdm(emit: Emit, label: str) -> type:
-    """A tqdm class that reports progress as ``Status`` events instead of drawing bars.
-
-    huggingface_hub updates it from download threads, so ``emit`` must be thread-safe.
-    """
-    from tqdm import tqdm
-
-    class StatusTqdm(tqdm):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.pop("name", None)
-            kwargs.setdefault("mininterval", 0.5)
-            kwargs["file"] = io.StringIO()
-            super().__init__(*args, **kwargs)
-
-        def display(self, msg: str | None = None, pos: int | None = None) -> bool:
-            total = int(self.total) if self.total else None
-            emit(Status(f"Downloading {label}: {self._describe(total)}", current=int(self.n), total=total))
-            return True
-
-        def _describe(self, total: int | None) -> str:
-            if self.unit == "B":
-                done = tqdm.format_sizeof(self.n, "B", 1000)
-                return f"{done} of {tqdm.format_sizeof(total, 'B', 1000)}" if total else done
-            counted = f"{int(self.n)} of {total}" if total else str(int(self.n))
-            return f"{self.desc or 'files'} {counted}".strip()
-
-    return StatusTqdm
