@@ -26,7 +26,8 @@ def add_plan_command(subparsers) -> argparse.ArgumentParser:
 
 def run_plan(args) -> int:
     from lora_gui.config import build_config
-    from lora_gui.engine.planner import PlanError, plan_memory
+    from lora_gui.engine.planner import HEADROOM, PlanError, plan_memory
+    from lora_gui.engine.planner.advice import fitting_advice
 
     if not (args.config or args.preset or args.overrides):
         print("error: give a config file, a --preset or --set options, e.g. lora-gui plan --preset flux-24gb",
@@ -49,6 +50,8 @@ def run_plan(args) -> int:
         print("No GPU here: give --vram GB to check the plan against a card.")
         return EXIT_OK
     print(f"Verdict: {plan.verdict(card)}.")
+    if plan.headroom(card) < HEADROOM:
+        print(f"To fit with {int(100 * HEADROOM)}% to spare: {fitting_advice(config, plan, card)}")
     return EXIT_OK
 
 
@@ -58,6 +61,7 @@ def refuse_if_too_big(config) -> str | None:
     if card is None or config.model.device == "cpu":
         return None
     from lora_gui.engine.planner import PlanError, plan_memory
+    from lora_gui.engine.planner.advice import fitting_advice
 
     print("Checking the memory plan (lora-gui plan) ...", file=sys.stderr, flush=True)
     try:
@@ -69,9 +73,7 @@ def refuse_if_too_big(config) -> str | None:
         print(f"Memory plan: {plan.verdict(card)}.", file=sys.stderr)
         return None
     lines = "\n".join(f"  {line}" for line in plan.lines())
-    return (f"error: this run {plan.verdict(card)}.\n{lines}\nLower dataset.resolution or train.batch_size, "
-            "turn on train.gradient_checkpointing, set model.quantize (int8 or nf4), or pick a smaller preset "
-            "(`lora-gui presets`). To start anyway, add --no-plan.")
+    return f"error: this run {plan.verdict(card)}.\n{lines}\n{fitting_advice(config, plan, card)} To start anyway, add --no-plan."
 
 
 def _gpu_gib() -> float | None:

@@ -17,7 +17,7 @@ from lora_gui.engine.planner import GIB, HEADROOM, plan_memory
 from lora_gui.engine.planner.architecture import denoiser_config
 from lora_gui.engine.planner.live_bytes import LiveBytes
 from lora_gui.engine.planner.stand_ins import QuantizedLinearStandIn, optimizer_state_bytes
-from lora_gui.engine.planner.trace import _adapted_denoiser, _forward_backward, _track_parameters
+from lora_gui.engine.planner.trace import SWAPPED, _adapted_denoiser, _forward_backward, _track_parameters
 
 
 def tiny_config(tmp_path, *overrides):
@@ -204,6 +204,40 @@ def test_block_swap_moves_the_swapped_weights_out_of_the_gpu_plan(tmp_path):
     assert offloaded > 0 and plain.step_split["system memory (block swap)"] == 0
     assert swapped.step_split["weights"] == plain.step_split["weights"] - offloaded
     assert any("Block swap keeps" in line for line in swapped.lines())
+
+
+def test_block_swap_in_a_long_stack_is_planned_from_block_sizes_with_the_figures_of_a_whole_trace(tmp_path):
+    from lora_gui.engine.planner.trace import _extrapolated, _with_blocks_swapped, trace_step
+
+    family = get_family("flux")
+    common = ["model.base=builtin:tiny-flux", "dataset.resolution=64", "train.gradient_checkpointing=true",
+              f"output.dir={tmp_path / 'out'}"]
+    plain = build_config(preset="flux-cpu-demo", overrides=common)
+    counts = {"num_layers": 4, "num_single_layers": 5}
+    architecture = {**denoiser_config(family, plain.model), **counts}
+    unswapped = _extrapolated(family, plain, architecture, counts)
+    for swapped_blocks in (6, 9):  # both kinds of block, every block
+        config = build_config(preset="flux-cpu-demo", overrides=[*common, f"model.block_swap={swapped_blocks}"])
+        whole = trace_step(family, config, architecture)
+        from_sizes = _with_blocks_swapped(unswapped, config, architecture)
+        for phase, (peak, split) in whole.phases.items():
+            assert from_sizes.phases[phase][0] == peak, phase
+            assert from_sizes.phases[phase][1][SWAPPED] == split[SWAPPED] > 0, phase
+
+
+def test_a_plan_over_the_card_gets_the_block_swap_count_that_fits_it(tmp_path):
+    from lora_gui.engine.planner.advice import fitting_advice
+
+    overrides = ["model.quantize=none", "dataset.resolution=256", f"output.dir={tmp_path}"]
+    config = build_config(preset="zimage-24gb", overrides=overrides)
+    plan = plan_memory(config)
+    card = plan.total_bytes / GIB * 0.7
+    advice = fitting_advice(config, plan, card)
+    count = int(advice.split("model.block_swap = ")[1].split()[0])
+    swapped = plan_memory(build_config(preset="zimage-24gb", overrides=[*overrides, f"model.block_swap={count}"]))
+    fewer = plan_memory(build_config(preset="zimage-24gb", overrides=[*overrides, f"model.block_swap={count - 1}"]))
+    assert swapped.headroom(card) >= HEADROOM > fewer.headroom(card)  # the fewest blocks that fit
+    assert "model.block_swap" not in fitting_advice(build_config(preset="sdxl-24gb"), plan, card)  # a UNet
 
 
 def test_offloaded_activations_leave_the_gpu_plan_for_system_memory(tmp_path, monkeypatch):

@@ -11,6 +11,12 @@ It needs gradient checkpointing: without it autograd keeps every block's weights
 and a buffer could not be reused. With it, a block runs again just before its backward pass, which
 loads it again; the chain of blocks runs in order, so its backward is over before an earlier block
 needs the buffer.
+
+Prefetch: the order in which blocks run repeats from step to step (forward in order, then the backward
+pass's recomputation in reverse), so the block that followed the last two blocks last time is copied
+while the current one computes. On CUDA the copy runs on a side stream that first waits for the work
+already queued (the block whose buffer it overwrites has finished), and the block waits for its copy
+before it runs. Elsewhere the copy is synchronous.
 """
 
 from __future__ import annotations
@@ -49,7 +55,12 @@ class BlockSwap:
                 parameter.data = stored
         self.slots: list[list[torch.Tensor]] = []  # buffers, grown to SLOTS as blocks are first loaded
         self.loaded: OrderedDict[int, int] = OrderedDict()  # block id -> slot, oldest first
-        self.loads = 0
+        self.loads = 0  # copies into a slot: on demand or prefetched
+        self.waits = 0  # blocks that had to be copied when they were about to run (not prefetched)
+        self.following: dict[tuple[int, int], int] = {}  # (block before, block) -> the block that ran next
+        self.recent: tuple[int, int] = (0, 0)  # the ids of the last two blocks that ran
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.copied: dict[int, torch.cuda.Event] = {}  # prefetched block -> its copy's end on the side stream
         self.handles = [block.register_forward_pre_hook(self._before_block) for block in blocks]
 
     def _to_storage(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -58,21 +69,48 @@ class BlockSwap:
 
     def _before_block(self, block: torch.nn.Module, _inputs) -> None:
         key = id(block)
+        self.following[self.recent] = key
+        self.recent = (self.recent[1], key)
         if key in self.loaded:
             self.loaded.move_to_end(key)
+            copied = self.copied.pop(key, None)
+            if copied is not None:
+                torch.cuda.current_stream(self.device).wait_event(copied)
+        else:
+            self._load(key, self._free_slot(key, running=None))
+            self.waits += 1
+        self._prefetch(key)
+
+    def _prefetch(self, running: int) -> None:
+        """Copy the block expected next (see the module's docstring) into a slot the running block is not using."""
+        expected = self.following.get(self.recent)
+        if expected is None or expected in self.loaded:
             return
-        slot = self._free_slot(block)
-        buffers = self.slots[slot]
-        for parameter, stored, buffer in zip(self.frozen[key], self.stored[key], buffers, strict=True):
+        slot = self._free_slot(expected, running)
+        if slot is None:
+            return
+        if self.copy_stream is None:
+            self._load(expected, slot)
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            self._load(expected, slot)
+        copied = torch.cuda.Event()
+        copied.record(self.copy_stream)
+        self.copied[expected] = copied
+
+    def _load(self, key: int, slot: int) -> None:
+        for parameter, stored, buffer in zip(self.frozen[key], self.stored[key], self.slots[slot], strict=True):
             buffer.copy_(stored, non_blocking=True)
             parameter.data = buffer
         self.loaded[key] = slot
+        self.loaded.move_to_end(key)
         self.loads += 1
 
-    def _free_slot(self, block: torch.nn.Module) -> int:
+    def _free_slot(self, key: int, running: int | None) -> int | None:
         """A buffer set shaped for this block: a free one, a new one (up to SLOTS per shape), or the one of the
-        block loaded longest ago."""
-        shapes = [(p.shape, p.dtype) for p in self.frozen[id(block)]]
+        block used longest ago other than ``running`` (None when only the running block's is left)."""
+        shapes = [(p.shape, p.dtype) for p in self.frozen[key]]
         same = [slot for slot, buffers in enumerate(self.slots) if [(b.shape, b.dtype) for b in buffers] == shapes]
         busy = set(self.loaded.values())
         free = [slot for slot in same if slot not in busy]
@@ -81,13 +119,18 @@ class BlockSwap:
         if len(same) < SLOTS:
             self.slots.append([torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in shapes])
             return len(self.slots) - 1
-        oldest = next(key for key, slot in self.loaded.items() if slot in same)
+        oldest = next((loaded for loaded, slot in self.loaded.items() if slot in same and loaded != running), None)
+        if oldest is None:
+            return None
         slot = self.loaded[oldest]
         self._unload(oldest)
         return slot
 
     def _unload(self, key: int) -> None:
         self.loaded.pop(key)
+        copied = self.copied.pop(key, None)
+        if copied is not None:  # a prefetch still copying into the slot: later copies into it wait for it
+            torch.cuda.current_stream(self.device).wait_event(copied)
         for parameter, stored in zip(self.frozen[key], self.stored[key], strict=True):
             parameter.data = stored
 

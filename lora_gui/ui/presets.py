@@ -220,14 +220,18 @@ def plan_hint(gpu) -> str:
             f"checks it against your {gpu.label}.")
 
 
-def plan_text(plan, gpu, matmul_tflops: float | None = None) -> str:
+def plan_text(plan, gpu, matmul_tflops: float | None = None, advice: str | None = None) -> str:
     """The traced memory plan (``engine.planner.MemoryPlan``) against the detected GPU, with the least step time
-    at its measured matrix speed; without a GPU, the hint alone (no VRAM figures on a CPU-only machine)."""
+    at its measured matrix speed and, when it is tight or over, ``advice`` (``planner.advice.fitting_advice``);
+    without a GPU, the hint alone (no VRAM figures on a CPU-only machine)."""
     if gpu is None or not gpu.total_gib:
         return plan_hint(None)
     fits = plan.total_bytes <= gpu.total_gib * 1024**3
     verdict = f"{'✅' if fits else '❌'} **{plan.verdict(gpu.total_gib)}** ({gpu.name})"
-    lines = ["### Memory and time plan (traced)", verdict, ""] + [f"- {line}" for line in plan.lines()]
+    lines = ["### Memory and time plan (traced)", verdict, ""]
+    if advice:
+        lines += [f"**{'To fit' if not fits else 'To fit with room to spare'}:** {advice}", ""]
+    lines += [f"- {line}" for line in plan.lines()]
     return "\n".join([*lines, f"- {plan.time_line(matmul_tflops)}"])
 
 

@@ -43,10 +43,16 @@ def trace_training_step(config: TrainingConfig, cache_dir: str | None = None, ex
     architecture = denoiser_config(family, config.model, cache_dir)
     counts = {key: count for key in family.planning_block_counts
               if (count := block_count(architecture, key)) > BASE_BLOCKS + 1}
-    whole = exact or not counts or config.model.block_swap > 0  # swapped blocks are the last ones: trace them all
+    whole = exact or not counts
     vae = vae_config(family, config.model, cache_dir)
-    traced = (trace_step(family, config, architecture) if whole
-              else _extrapolated(family, config, architecture, counts))
+    if whole:
+        traced = trace_step(family, config, architecture)
+    elif config.model.block_swap > 0:  # traced without swap, then the swapped blocks' sizes (planner/swap.py)
+        unswapped = config.model_copy(update={"model": config.model.model_copy(update={"block_swap": 0})})
+        traced = _extrapolated(family, unswapped, architecture, counts)
+        traced = _with_blocks_swapped(traced, config, architecture)
+    else:
+        traced = _extrapolated(family, config, architecture, counts)
     caching, decoding = _vae_peaks(config, family, vae)
     step_peak, step_split = max((traced.phases[name] for name in STEP_PHASES if name in traced.phases),
                                 key=lambda item: item[0])
@@ -129,6 +135,27 @@ def _extrapolated(family: ModelFamily, config: TrainingConfig, architecture: dic
                               for name in CATEGORIES})
         flops += extra * (more.flops - base.flops)
     return StepTrace(phases, flops)
+
+
+def _with_blocks_swapped(traced: StepTrace, config: TrainingConfig, architecture: dict) -> StepTrace:
+    """A trace without block swap, changed as swapping model.block_swap blocks changes it: their frozen weights
+    go to system memory, SLOTS buffers per block shape come onto the accelerator (counted as weights)."""
+    from lora_gui.engine.block_swap import config_problem
+    from lora_gui.engine.planner.swap import block_sizes, swap_sizes
+
+    count = config.model.block_swap
+    problem = config_problem(count, config.train.gradient_checkpointing, config.model.quantize)
+    sizes = block_sizes(architecture, DTYPES.get(config.model.weight_dtype, torch.bfloat16))
+    if problem is None and count > len(sizes):
+        problem = f"model.block_swap = {count}, but the model has {len(sizes)} repeated blocks. Set it to {len(sizes)} or less."
+    if problem:
+        raise PlanError(problem)
+    swap = swap_sizes(sizes, count)
+    phases = {}
+    for phase, (peak, split) in traced.phases.items():
+        phases[phase] = (peak - swap.saved, {**split, "weights": split["weights"] - swap.saved,
+                                             SWAPPED: split[SWAPPED] + swap.swapped})
+    return StepTrace(phases, traced.flops)
 
 
 def block_count(architecture: dict, key: str) -> int:

@@ -14,7 +14,8 @@ import gradio as gr
 
 from lora_gui.config import FAMILIES, ConfigError, ModelSection, TrainingConfig, validate_config
 from lora_gui.engine.families.detect import AUTO, detect_family
-from lora_gui.engine.planner import PlanError, plan_memory
+from lora_gui.engine.planner import HEADROOM, PlanError, plan_memory
+from lora_gui.engine.planner.advice import fitting_advice
 from lora_gui.ui import forms
 from lora_gui.ui import presets as P
 from lora_gui.ui.guard import message_guard
@@ -287,7 +288,8 @@ class Handlers:
             from lora_gui.engine.devices import measured_matmul_tflops
 
             self.matmul_tflops = measured_matmul_tflops(torch.device("cuda"))
-        return {self.w.plan: P.plan_text(plan, self.gpu, self.matmul_tflops)}
+        advice = fitting_advice(config, plan, self.gpu.total_gib) if plan.headroom(self.gpu.total_gib) < HEADROOM else None
+        return {self.w.plan: P.plan_text(plan, self.gpu, self.matmul_tflops, advice)}
 
     def wire(self, dataset_folder: gr.Textbox | None) -> None:
         w, c, form = self.w, self.c, self.tab.inputs()
