@@ -134,3 +134,29 @@ def test_a_single_transformer_file_in_the_original_layout_loads(loaded, tmp_path
     assert loaded_state.keys() == state.keys()
     for name, tensor in state.items():
         torch.testing.assert_close(loaded_state[name], tensor.to(dtype).float(), atol=0, rtol=0)
+
+
+def test_an_fp8_file_quantized_to_fp8_keeps_its_values_as_they_are(loaded, tmp_path):
+    """ComfyUI's fp8_e4m3fn file with model.quantize = fp8: each layer stores the file's fp8 values (scale 1),
+    not a rescaled second rounding of them, which is what a bf16 file's weights get."""
+    from lora_gui.engine.quantize import quantize_denoiser
+
+    family, components = loaded
+    state = {name: tensor.contiguous() for name, tensor in components.denoiser.state_dict().items()}
+    config = build_config(preset="zimage-cpu-demo")
+    quantized = {}
+    for dtype in (torch.float8_e4m3fn, torch.bfloat16):
+        path = tmp_path / f"z_image_{dtype}.safetensors"
+        save_file({name: tensor.to(dtype) for name, tensor in original_layout(state).items()}, str(path))
+        model = config.model.model_copy(update={"base": str(path),
+                                                "components": str(ensure_builtin(config.model.base))})
+        denoiser = family.load(model, torch.device("cpu"), torch.bfloat16, lambda event: None).denoiser
+        assert quantize_denoiser(denoiser, "fp8", torch.device("cpu")) > 0
+        quantized[dtype] = {name: module.weight for name, module in denoiser.named_modules()
+                            if type(module).__name__ == "QLinear"}
+    for name, weight in quantized[torch.float8_e4m3fn].items():
+        file_values = state[f"{name}.weight"].to(torch.float8_e4m3fn)
+        assert torch.equal(weight._data.view(torch.uint8), file_values.view(torch.uint8)), name
+        assert torch.equal(weight._scale, torch.ones_like(weight._scale)), name
+    rescaled = quantized[torch.bfloat16]
+    assert not all(torch.equal(w._scale, torch.ones_like(w._scale)) for w in rescaled.values())

@@ -58,8 +58,32 @@ def _quanto(denoiser: torch.nn.Module, mode: str, keep: tuple[str, ...] = KEEP_F
     weights = {"int8": qint8, "int4": qint4, "fp8": qfloat8}[mode]
     exclude = [pattern for name in keep for pattern in (name, f"{name}.*")]
     quantize(denoiser, weights=weights, exclude=exclude)
+    if mode == "fp8":
+        keep_fp8_weights_as_stored(denoiser)
     freeze(denoiser)
     return sum(1 for m in denoiser.modules() if type(m).__name__ == "QLinear")
+
+
+def keep_fp8_weights_as_stored(model: torch.nn.Module) -> int:
+    """Before quanto freezes ``model``: each quantized layer whose weights are fp8 values already (read from an
+    fp8_e4m3fn file, ComfyUI's) keeps those values with a scale of 1, instead of being rescaled and rounded a
+    second time. Returns how many layers kept theirs."""
+    from optimum.quanto import qfloat8
+    from optimum.quanto.tensor.weights.qbytes import WeightQBytesTensor
+
+    kept = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(module).__name__ != "QLinear" or weight is None or weight.dim() != 2:
+            continue
+        stored = weight.detach().to(torch.float8_e4m3fn)
+        if not torch.equal(stored.to(weight.dtype), weight.detach()):
+            continue
+        scale = torch.ones((weight.shape[0], 1), dtype=weight.dtype, device=weight.device)
+        module.weight = torch.nn.Parameter(WeightQBytesTensor.create(qfloat8, 0, weight.size(), weight.stride(),
+                                                                     stored, scale), requires_grad=False)
+        kept += 1
+    return kept
 
 
 def _to_nf4(denoiser: torch.nn.Module, device: torch.device, keep: tuple[str, ...] = KEEP_FULL_PRECISION,
