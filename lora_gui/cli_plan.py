@@ -46,6 +46,9 @@ def run_plan(args) -> int:
     print("\n".join(plan.lines()))
     print(plan.time_line(_local_tflops() if args.vram is None else None))
     card = args.vram if args.vram is not None else _gpu_gib()
+    captions = plan.caption_line(card)
+    if captions:
+        print(captions)
     if card is None:
         print("No GPU here: give --vram GB to check the plan against a card.")
         return EXIT_OK

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_gui.config import TrainingConfig
+from lora_gui.engine.planner import TEXT_ENCODER_SHARE
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -99,8 +100,8 @@ def module_bytes(modules) -> int:
     return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
 
 
-def text_encoder_device(text_encoders, device: torch.device, headroom: float = 0.85) -> torch.device:
-    """Where the text encoders run: the accelerator if they fit in its free memory, else the CPU.
+def text_encoder_device(text_encoders, device: torch.device, headroom: float = TEXT_ENCODER_SHARE) -> torch.device:
+    """Where the text encoders run: the accelerator if they fit in ``headroom`` of its free memory, else the CPU.
 
     A large encoder (Flux's T5, about 9.5 GB in bf16) on a small GPU encodes on the CPU: slower, but
     captions are encoded once and cached.

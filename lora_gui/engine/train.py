@@ -323,15 +323,15 @@ class TrainingRun:
         denoiser takes their place."""
         dataset, comps, device = self.config.dataset, self.components, self.placement.device
         comps.vae.to(device)
-        encoder_device = text_encoder_device(comps.text_encoders, device)
+        if dataset.cache_latents:
+            self.cache_latents()
+            self.offload(comps.vae)
+        encoder_device = text_encoder_device(comps.text_encoders, device)  # with the VAE gone, if it could go
         if encoder_device != device:
             self.status("The text encoders do not fit in the free GPU memory: captions are encoded on the CPU "
                         "(slower, once; they are cached).")
         for encoder in comps.text_encoders:
             encoder.to(encoder_device)
-        if dataset.cache_latents:
-            self.cache_latents()
-            self.offload(comps.vae)
         self.text_cached = False
         if dataset.cache_text and not self.config.lora.train_text_encoder:
             cached = self.cache_text()

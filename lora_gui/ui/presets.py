@@ -231,7 +231,7 @@ def plan_text(plan, gpu, matmul_tflops: float | None = None, advice: str | None 
     lines = ["### Memory and time plan (traced)", verdict, ""]
     if advice:
         lines += [f"**{'To fit' if not fits else 'To fit with room to spare'}:** {advice}", ""]
-    lines += [f"- {line}" for line in plan.lines()]
+    lines += [f"- {line}" for line in [*plan.lines(), plan.caption_line(gpu.total_gib)] if line]
     return "\n".join([*lines, f"- {plan.time_line(matmul_tflops)}"])
 
 

@@ -147,6 +147,8 @@ class ModelFamily(ABC):
     planning_block_counts: ClassVar[tuple[str, ...]] = ()
     # The published VAE config of the family's models (the planner traces its encoding and decoding).
     planning_vae: ClassVar[dict[str, Any]] = {}
+    # The published text encoders per Hub id (``published_text_encoders.PlannedTextEncoder``: config, tokens).
+    planning_text_encoders: ClassVar[dict[str, tuple]] = {}
     # Whether validation sampling runs the denoiser on a conditional and an unconditional batch (true CFG).
     samples_with_cfg: ClassVar[bool] = True
 

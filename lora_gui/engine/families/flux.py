@@ -24,6 +24,7 @@ from lora_gui.engine.families.common import (
     unwrap,
 )
 from lora_gui.engine.families.loading import ModelLoadError, load_pipeline, resolve_source
+from lora_gui.engine.families.published_text_encoders import CLIP_L, T5_XXL, PlannedTextEncoder
 from lora_gui.engine.families.published_vaes import FLUX_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
 
@@ -70,6 +71,9 @@ class FluxFamily(ModelFamily):
         for repo, guidance in (("black-forest-labs/FLUX.1-dev", True), ("black-forest-labs/FLUX.1-schnell", False))
     }
     planning_vae = FLUX_VAE
+    planning_text_encoders = {
+        repo: (PlannedTextEncoder(CLIP_L, 77), PlannedTextEncoder(T5_XXL, 512 if architecture["guidance_embeds"] else 256))
+        for repo, architecture in planning_architectures.items()}
     samples_with_cfg = False  # embedded guidance (dev) or none (schnell)
     planning_block_counts = ("num_layers", "num_single_layers")
 

@@ -21,6 +21,7 @@ from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.builtin import is_builtin
 from lora_gui.engine.families.common import fresh_scheduler, frozen_components
 from lora_gui.engine.families.loading import load_pipeline
+from lora_gui.engine.families.published_text_encoders import MISTRAL_SMALL_31, PlannedTextEncoder
 from lora_gui.engine.families.published_vaes import FLUX2_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
 
@@ -52,6 +53,8 @@ class Flux2DevFamily(ModelFamily):
             "guidance_embeds": True},
     }
     planning_vae = FLUX2_VAE
+    planning_text_encoders = {repo: (PlannedTextEncoder(MISTRAL_SMALL_31, CAPTION_TOKENS),)
+                              for repo in planning_architectures}
     samples_with_cfg = False  # embedded guidance
     planning_block_counts = ("num_layers", "num_single_layers")
     default_components = "black-forest-labs/FLUX.2-dev"

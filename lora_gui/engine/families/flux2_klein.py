@@ -20,6 +20,7 @@ from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.builtin import is_builtin
 from lora_gui.engine.families.common import fresh_scheduler, frozen_components
 from lora_gui.engine.families.loading import load_pipeline
+from lora_gui.engine.families.published_text_encoders import QWEN3_4B_CAUSAL, QWEN3_8B, PlannedTextEncoder
 from lora_gui.engine.families.published_vaes import FLUX2_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
 
@@ -52,6 +53,9 @@ class Flux2KleinFamily(ModelFamily):
         for repo in (f"black-forest-labs/FLUX.2-klein-base-{size}", f"black-forest-labs/FLUX.2-klein-{size}")
     }
     planning_vae = FLUX2_VAE
+    planning_text_encoders = {
+        repo: (PlannedTextEncoder(QWEN3_8B if "9B" in repo else QWEN3_4B_CAUSAL, CAPTION_TOKENS),)
+        for repo in planning_architectures}
     planning_block_counts = ("num_layers", "num_single_layers")
     default_components = "black-forest-labs/FLUX.2-klein-base-4B"
     # Flux.2 loaders refuse alpha keys: the single file has diffusers names with the scale folded in.

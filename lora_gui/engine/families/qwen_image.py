@@ -27,6 +27,7 @@ from lora_gui.engine.families.common import (
     without_checkpoint_prefix,
 )
 from lora_gui.engine.families.loading import load_pipeline
+from lora_gui.engine.families.published_text_encoders import QWEN25_VL_7B, PlannedTextEncoder
 from lora_gui.engine.families.published_vaes import QWEN_IMAGE_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
 
@@ -65,6 +66,8 @@ class QwenImageFamily(ModelFamily):
         for repo in ("Qwen/Qwen-Image", "Qwen/Qwen-Image-2512")
     }
     planning_vae = QWEN_IMAGE_VAE
+    planning_text_encoders = {  # the caption after the chat template's 34 tokens
+        repo: (PlannedTextEncoder(QWEN25_VL_7B, CAPTION_TOKENS + 34),) for repo in planning_architectures}
     planning_block_counts = ("num_layers",)
     default_components = "Qwen/Qwen-Image"
     # diffusers module names under ``diffusion_model.`` with an alpha per layer: ComfyUI maps them, and

@@ -17,6 +17,7 @@ from lora_gui.engine.families.common import (
     frozen_components,
 )
 from lora_gui.engine.families.loading import load_pipeline
+from lora_gui.engine.families.published_text_encoders import CLIP_L, PlannedTextEncoder
 from lora_gui.engine.families.published_vaes import SD_VAE
 from lora_gui.engine.objectives import DiffusionObjective
 
@@ -54,6 +55,7 @@ class SD15Family(ModelFamily):
         },
     }
     planning_vae = SD_VAE
+    planning_text_encoders = {repo: (PlannedTextEncoder(CLIP_L, 77),) for repo in planning_architectures}
     caption_tokens = 77  # CLIP's context, per text encoder
 
     @classmethod

@@ -11,6 +11,7 @@ from diffusers import StableDiffusionXLPipeline
 from lora_gui.engine.families.base import Components, Conditioning
 from lora_gui.engine.families.checkpoint_names import has_ldm_unet, has_sdxl_embeddings
 from lora_gui.engine.families.common import clip_input_ids, fresh_scheduler
+from lora_gui.engine.families.published_text_encoders import CLIP_G, CLIP_L, PlannedTextEncoder
 from lora_gui.engine.families.published_vaes import SD_VAE
 from lora_gui.engine.families.sd15 import SD15Family
 
@@ -38,6 +39,8 @@ class SDXLFamily(SD15Family):
         },
     }
     planning_vae = SD_VAE
+    planning_text_encoders = {repo: (PlannedTextEncoder(CLIP_L, 77), PlannedTextEncoder(CLIP_G, 77))
+                              for repo in planning_architectures}
     # The lowest level's transformer depth (10), used by its down, middle and up blocks.
     planning_block_counts = ("transformer_layers_per_block[2]",)
 

@@ -26,6 +26,7 @@ from lora_gui.engine.families.common import (
     without_checkpoint_prefix,
 )
 from lora_gui.engine.families.loading import load_pipeline
+from lora_gui.engine.families.published_text_encoders import QWEN3_4B, PlannedTextEncoder
 from lora_gui.engine.families.published_vaes import FLUX_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
 
@@ -62,6 +63,7 @@ class ZImageFamily(ModelFamily):
         for repo in ("Tongyi-MAI/Z-Image", "Tongyi-MAI/Z-Image-Turbo")
     }
     planning_vae = FLUX_VAE
+    planning_text_encoders = {repo: (PlannedTextEncoder(QWEN3_4B, CAPTION_TOKENS),) for repo in planning_architectures}
     planning_block_counts = ("n_layers",)
     default_components = "Tongyi-MAI/Z-Image"
     # The single LoRA file: diffusers module names under ``diffusion_model.`` with an alpha per layer, which

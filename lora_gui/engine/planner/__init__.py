@@ -22,6 +22,7 @@ GIB = 1024**3
 ALLOWANCE_BYTES = int(0.75 * GIB)
 ALLOWANCE_FRACTION = 0.05
 HEADROOM = 0.10  # presets must keep this much of the card free in the plan
+TEXT_ENCODER_SHARE = 0.85  # of the free memory, for the text encoders to go on the GPU (devices.text_encoder_device)
 
 
 class PlanError(ValueError):
@@ -41,6 +42,8 @@ class MemoryPlan:
     max_steps: int = 0
     phases: dict[str, int] = field(default_factory=dict)  # the peak of each phase of the run
     step_split: dict[str, int] = field(default_factory=dict)  # the categories at the training step's peak
+    text_encoder_bytes: int = 0  # the text encoders' weights (0: not planned)
+    text_encoders_train: bool = False  # lora.train_text_encoder: they stay on the device, counted in the step
 
     @property
     def allowance_bytes(self) -> int:
@@ -60,10 +63,30 @@ class MemoryPlan:
             return f"fits a {card_gib:g} GB card with {card_gib - need:.1f} GiB to spare"
         return f"needs {need:.1f} GiB: {need - card_gib:.1f} GiB more than a {card_gib:g} GB card has"
 
+    def captions_on_gpu(self, card_gib: float) -> bool:
+        """Whether the trainer encodes the captions on this card: when the text encoders' weights fit in 85% of
+        its free memory (``devices.text_encoder_device``), here the card less the allowance."""
+        return self.text_encoder_bytes <= TEXT_ENCODER_SHARE * (card_gib * GIB - ALLOWANCE_BYTES)
+
+    def caption_line(self, card_gib: float | None = None) -> str | None:
+        """Where the captions are encoded, and what that takes."""
+        if not self.text_encoder_bytes or self.text_encoders_train:
+            return None
+        size = (f"the text encoders take {size_text(self.phases.get('caching captions', 0))} while they encode "
+                f"(weights {size_text(self.text_encoder_bytes)})")
+        if card_gib is None:
+            return (f"Caption encoding (once, before the denoiser loads): {size}; on a GPU with less free memory "
+                    "they run on the CPU (slower, once: the embeddings are cached).")
+        if self.captions_on_gpu(card_gib):
+            return f"Captions are encoded on the {card_gib:g} GB card (once, before the denoiser loads): {size}."
+        return (f"Captions are encoded on the CPU (slower, once: the embeddings are cached): {size}, more than a "
+                f"{card_gib:g} GB card can hold. model.quantize_text_encoders (int8 or nf4) makes them smaller.")
+
     def lines(self) -> list[str]:
         parts = ", ".join(f"{name} {size_text(size)}" for name, size in self.split.items()
                           if size and not name.startswith("system memory"))
-        phases = ", ".join(f"{name} {size_text(size)}" for name, size in self.phases.items() if size)
+        phases = ", ".join(f"{name} {size_text(size)}" + (" (GPU or CPU)" if name == "caching captions" else "")
+                           for name, size in self.phases.items() if size)
         lines = [
             f"{self.family} at {self.resolution} px, batch {self.batch_size}: peak {size_text(self.peak_bytes)} traced "
             f"({parts})",

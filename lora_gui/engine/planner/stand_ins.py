@@ -55,15 +55,17 @@ class DequantizedLinear(torch.autograd.Function):
         return grad @ weight, None, None
 
 
-def stand_in_quantized_layers(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype) -> int:
-    """Swap the Linear layers the real ``quantize_denoiser`` would quantize for stand-ins (meta device)."""
-    from lora_gui.engine.quantize import keeps_full_precision
+def stand_in_quantized_layers(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
+                              keep: tuple[str, ...] | None = None) -> int:
+    """Swap the Linear layers the real ``quantize_denoiser`` (or, with its ``keep``, ``quantize_text_encoder``)
+    would quantize for stand-ins (meta device)."""
+    from lora_gui.engine.quantize import KEEP_FULL_PRECISION, keeps_full_precision
 
     count = 0
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             full_name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is not torch.nn.Linear or keeps_full_precision(full_name):
+            if type(child) is not torch.nn.Linear or keeps_full_precision(full_name, keep or KEEP_FULL_PRECISION):
                 continue
             setattr(parent, child_name, QuantizedLinearStandIn(child, mode, compute_dtype))
             count += 1

@@ -13,12 +13,9 @@ from lora_gui.engine.planner import MemoryPlan, PlanError
 from lora_gui.engine.planner.architecture import build_on_meta, denoiser_config, vae_config
 from lora_gui.engine.planner.live_bytes import LiveBytes
 from lora_gui.engine.planner.stand_ins import optimizer_state_bytes, stand_in_quantized_layers
+from lora_gui.engine.planner.text_encoders import TEXT_ENCODERS, plan_text_encoders
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-NOT_TRACED = (
-    "the text encoders while they encode the captions (they run on the GPU only when they fit in its free memory, "
-    "otherwise on the CPU)",
-)
 SAMPLING = "validation sampling"
 AFTER_SAMPLING = "resident while decoding"  # what stays on the device while the VAE decodes (no activations)
 STEP_PHASES = ("activations", "backward", "optimizer state")
@@ -26,8 +23,9 @@ STEP_PHASES = ("activations", "backward", "optimizer state")
 
 SWAPPED = "system memory (block swap)"
 OFFLOADED = "system memory (offloaded activations)"
-CATEGORIES = ("weights", "LoRA", "gradients", "optimizer state", "activations", "backward", "VAE", SAMPLING, SWAPPED,
-              OFFLOADED)
+CAPTIONS = "caching captions"  # the text encoders encoding the captions; on the CPU when they do not fit
+CATEGORIES = ("weights", "LoRA", "gradients", "optimizer state", "activations", "backward", "VAE", TEXT_ENCODERS,
+              SAMPLING, SWAPPED, OFFLOADED)
 # Repeated blocks are traced at these counts and the rest follows linearly (see _extrapolated).
 BASE_BLOCKS = 1
 
@@ -54,6 +52,9 @@ def trace_training_step(config: TrainingConfig, cache_dir: str | None = None, ex
     else:
         traced = _extrapolated(family, config, architecture, counts)
     caching, decoding = _vae_peaks(config, family, vae)
+    text = plan_text_encoders(family, config, cache_dir, DTYPES.get(config.model.weight_dtype, torch.bfloat16))
+    if text is not None and text.training:
+        traced = _with_text_encoder_training(traced, text.training)
     step_peak, step_split = max((traced.phases[name] for name in STEP_PHASES if name in traced.phases),
                                 key=lambda item: item[0])
     resident, resident_split = traced.phases[AFTER_SAMPLING]
@@ -62,16 +63,25 @@ def trace_training_step(config: TrainingConfig, cache_dir: str | None = None, ex
         candidates["decoding"] = (resident + decoding, {**resident_split, "VAE": decoding})
     phases = {"training step": step_peak,
               SAMPLING: max(candidates.get(SAMPLING, (0, {}))[0], candidates.get("decoding", (0, {}))[0]),
-              "caching latents": caching}
+              "caching latents": caching, CAPTIONS: text.caching_peak if text and not text.training else 0}
     peak, split = max(candidates.values(), key=lambda item: item[0])
-    notes = NOT_TRACED + (("the text encoders' LoRA (lora.train_text_encoder)",) if config.lora.train_text_encoder else ())
+    notes = ("the text encoders (no config for this base)",) if text is None else ()
     notes += ("the VAE (no config for this base)",) if vae is None else ()
     if caching > peak:
         peak, split = caching, {**dict.fromkeys(CATEGORIES, 0), "VAE": caching}
     return MemoryPlan(family=family.name, resolution=config.dataset.resolution, batch_size=config.train.batch_size,
                       peak_bytes=peak, split=split, seconds=time.perf_counter() - started, not_traced=notes,
                       step_flops=traced.flops * config.train.gradient_accumulation,
-                      max_steps=config.train.max_steps, phases=phases, step_split=step_split)
+                      max_steps=config.train.max_steps, phases=phases, step_split=step_split,
+                      text_encoder_bytes=text.weights if text else 0,
+                      text_encoders_train=bool(text and text.training))
+
+
+def _with_text_encoder_training(traced: StepTrace, training: int) -> StepTrace:
+    """With lora.train_text_encoder the text encoders, their LoRA and its state stay on the device all run long
+    (``planner/text_encoders.py``): added to every phase."""
+    return StepTrace({phase: (peak + training, {**split, TEXT_ENCODERS: split[TEXT_ENCODERS] + training})
+                      for phase, (peak, split) in traced.phases.items()}, traced.flops)
 
 
 def trace_step(family: ModelFamily, config: TrainingConfig, architecture: dict) -> StepTrace:
