@@ -140,12 +140,14 @@ def test_only_top_level_embeddings_and_output_layers_stay_unquantized():
 GPU_PRESETS = [name for name in list_presets() if not name.endswith("cpu-demo")]
 
 
-def planned_total(name: str) -> int:
-    return plan_memory(build_config(preset=name)).total_bytes
+def planned_total(name: str) -> tuple[int, bool]:
+    """The preset's planned total, and whether its captions are encoded on its card."""
+    plan = plan_memory(build_config(preset=name))
+    return plan.total_bytes, plan.captions_on_gpu(preset_description(name)["vram_gb"])
 
 
 @pytest.fixture(scope="module")
-def preset_plans() -> dict[str, int]:
+def preset_plans() -> dict[str, tuple[int, bool]]:
     """Every GPU preset's planned total, traced in parallel processes (one per core): each trace is
     independent, single-threaded Python work."""
     import multiprocessing
@@ -162,8 +164,10 @@ def preset_plans() -> dict[str, int]:
 @pytest.mark.parametrize("name", GPU_PRESETS)
 def test_every_gpu_preset_fits_its_card_with_headroom(name, preset_plans):
     card = preset_description(name)["vram_gb"]
-    headroom = 1.0 - preset_plans[name] / (card * GIB)
-    assert headroom >= HEADROOM, f"{name}: {preset_plans[name] / GIB:.2f} GiB planned for {card} GB"
+    total, captions_on_gpu = preset_plans[name]
+    headroom = 1.0 - total / (card * GIB)
+    assert headroom >= HEADROOM, f"{name}: {total / GIB:.2f} GiB planned for {card} GB"
+    assert captions_on_gpu, f"{name}: its text encoders do not fit the card (set model.quantize_text_encoders)"
 
 
 def test_a_unet_level_is_traced_a_block_deep_with_the_same_figures(tmp_path):
