@@ -91,3 +91,61 @@ def test_clearing_the_config_upload_is_not_an_error(app):
     answer = call(url, "load_upload", [None])
     assert "event: complete" in answer, answer[:500]
     assert "Traceback" not in log.read_text()[logged_before:]
+
+
+HOSTILE_NUMBERS = (-1e9, 1e300, "12abc", [7], None)
+NUMERIC_COMPONENTS = {"Number", "Slider"}
+FILE_COMPONENTS = {"File", "Image", "Gallery", "Files", "UploadButton"}
+
+
+def numeric_endpoints(url: str) -> dict[str, list[dict]]:
+    """Every named endpoint with a number or slider among its parameters, from the app's API description."""
+    with urllib.request.urlopen(f"{url}gradio_api/info", timeout=60) as response:
+        info = json.loads(response.read())
+    return {name.lstrip("/"): endpoint["parameters"] for name, endpoint in info["named_endpoints"].items()
+            if any(parameter.get("component") in NUMERIC_COMPONENTS for parameter in endpoint["parameters"])}
+
+
+def usual_value(parameter: dict):
+    """A value the page itself would send: the component's value on the page, else the API's example (files
+    get none: their examples are web links)."""
+    if parameter.get("component") in FILE_COMPONENTS:
+        return None
+    if parameter.get("parameter_has_default"):
+        return parameter.get("parameter_default")
+    return parameter.get("example_input")
+
+
+def test_every_numeric_field_of_every_handler_answers_hostile_values_with_a_message(app):
+    """A value out of range, not a number, or missing, in every number and slider of every endpoint (the
+    other parameters get the values the page would send): the handler answers (no error event, which the page
+    shows as a toast naming no field and an "Error" badge on every output) and nothing is logged as a
+    traceback."""
+    url, _, _, log = app
+    endpoints = numeric_endpoints(url)
+    assert {"config_refresh", "config_save", "train_start", "test_render", "dataset_check"} <= set(endpoints)
+    logged_before = len(log.read_text())
+    for name, parameters in endpoints.items():
+        for hostile in HOSTILE_NUMBERS:
+            data = [hostile if parameter.get("component") in NUMERIC_COMPONENTS else usual_value(parameter)
+                    for parameter in parameters]
+            answer = call(url, name, data)
+            assert "event: error" not in answer, (name, hostile, answer[:600])
+    assert "Traceback" not in log.read_text()[logged_before:]
+
+
+def test_a_value_out_of_range_is_named_with_its_range(app):
+    url, *_ = app
+    endpoints = numeric_endpoints(url)
+
+    def answer(endpoint: str, label: str, value) -> str:
+        parameters = endpoints[endpoint]
+        assert any(parameter["label"] == label for parameter in parameters), (endpoint, label)
+        return call(url, endpoint, [value if parameter["label"] == label else usual_value(parameter)
+                                    for parameter in parameters])
+
+    refreshed = answer("config_refresh", "Learning rate", -0.001)
+    assert "train.learning_rate" in refreshed and "greater than 0" in refreshed, refreshed[:800]
+    started = answer("train_start", "Learning rate", -0.001)
+    assert started.count("train.learning_rate") == 1, started[:800]  # one message, not a toast and a message
+    assert "from 64 to 4096" in answer("dataset_check", "Resolution", 7)

@@ -151,6 +151,17 @@ def test_stop_before_first_step_writes_no_checkpoint(dataset, tmp_path):
     assert result.status == "stopped" and result.step == 0 and result.checkpoint is None
 
 
+@pytest.mark.slow
+def test_no_validation_prompts_means_no_validation_images(dataset, tmp_path):
+    """An empty prompt list renders nothing (not unconditioned images), says so, and still trains."""
+    events = []
+    result = train(tiny_config("sd15", dataset, tmp_path / "out", "train.max_steps=2", "sample.every=1",
+                               "sample.prompts=[]"), events.append)
+    assert result.status == "finished"
+    assert not (tmp_path / "out" / "samples").exists()
+    assert any("sample.prompts is empty" in str(getattr(event, "text", "")) for event in events)
+
+
 def test_dataset_without_usable_images_stops_before_loading_a_model(tmp_path):
     folder = tmp_path / "broken"
     folder.mkdir()

@@ -32,7 +32,7 @@ class SampleSettings:
             return max(multiple, value // multiple * multiple)
 
         return cls(
-            prompts=tuple(p for p in sample.prompts if p.strip()) or ("",),
+            prompts=tuple(p for p in sample.prompts if p.strip()),  # none: no validation images
             negative_prompt=sample.negative_prompt,
             seed=sample.seed,
             steps=sample.steps,

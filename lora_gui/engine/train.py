@@ -645,6 +645,9 @@ class TrainingRun:
 
     def sample(self) -> None:
         settings = self.sample_settings()
+        if not settings.prompts:
+            self.status("No validation images: sample.prompts is empty (add prompts on the Config tab to see some)")
+            return
         self.status(f"Rendering {len(settings.prompts)} validation image(s) at step {self.step}")
         images = render(self.family, self.components, settings, progress=self.progress_status("Sampling"),
                         encoded=self.sample_prompts, between_steps=self.check_stop)
@@ -654,7 +657,7 @@ class TrainingRun:
     def finish(self) -> TrainResult:
         kohya_path, diffusers_path = self.write_lora(self.output_dir / f"{self.config.output.name}.safetensors")
         checkpoint = self.save_checkpoint()
-        if self.config.sample.every or self.config.sample.prompts:
+        if self.sample_settings().prompts:
             try:
                 self.sample()
             except StopRequested:

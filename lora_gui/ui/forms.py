@@ -360,6 +360,8 @@ def _rows(specs: list[FieldSpec], components: dict, values: dict, base_options, 
 def make_component(spec: FieldSpec, value: Any, base_options: list[str], target_options: list[str]):
     import gradio as gr
 
+    from lora_gui.ui.checked import CheckedNumber, CheckedSlider
+
     common = dict(label=spec.label, info=spec.info, value=value)
     if spec.key in CUSTOM_DROPDOWNS:
         options = base_options if spec.key == "model.base" else target_options
@@ -369,10 +371,10 @@ def make_component(spec: FieldSpec, value: Any, base_options: list[str], target_
     if spec.kind == "checkbox":
         return gr.Checkbox(**common)
     if spec.kind == "slider":
-        return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, step=SLIDER_STEPS[spec.key], **common)
+        return CheckedSlider(minimum=spec.minimum, maximum=spec.maximum, step=SLIDER_STEPS[spec.key], **common)
     if spec.kind == "number":
         step = 1 if spec.integer else FLOAT_STEPS.get(spec.key, 0.001)
-        return gr.Number(minimum=spec.minimum, maximum=spec.maximum, precision=0 if spec.integer else None,
+        return CheckedNumber(minimum=spec.minimum, maximum=spec.maximum, precision=0 if spec.integer else None,
                          step=step, **common)
     if spec.kind == "lines":
         return gr.Textbox(lines=3, max_lines=12, **common)

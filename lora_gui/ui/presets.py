@@ -252,4 +252,7 @@ def valid_text(config: TrainingConfig) -> str:
         warnings.append("`dataset.dir` is empty: pick a folder in the Dataset tab before training.")
     elif not Path(config.dataset.dir).is_dir():
         warnings.append(f"`dataset.dir`: {config.dataset.dir} does not exist yet.")
+    if not any(prompt.strip() for prompt in config.sample.prompts):
+        warnings.append("`sample.prompts` is empty: no validation images will be rendered (add one prompt per "
+                        "line to see the LoRA's progress).")
     return "**Validation:** ✅ Config is valid." + "".join(f"\n- ⚠️ {w}" for w in warnings)

@@ -15,6 +15,7 @@ from gradio.context import Context
 
 from lora_gui.ui import captions_view as V
 from lora_gui.ui.captions_view import CaptionsError
+from lora_gui.ui.checked import CheckedNumber, CheckedSlider
 from lora_gui.ui.guard import message_guard
 from lora_gui.ui.session import AppSession
 
@@ -36,7 +37,7 @@ def build(session: AppSession, dataset_tab) -> None:
                                visible=fields["uses_model"])
         template = gr.Textbox(V.DEFAULT_TEMPLATE, label="Template", visible=fields["template"],
                               info="Placeholders: {trigger}, {filename} (words from the file name), {folder}")
-        threshold = gr.Slider(0.05, 1.0, value=0.35, step=0.01, label="Tag threshold", visible=fields["threshold"],
+        threshold = CheckedSlider(0.05, 1.0, value=0.35, step=0.01, label="Tag threshold", visible=fields["threshold"],
                               info="Confidence a tag needs to be written; lower gives more tags")
         with gr.Row():
             trigger = gr.Textbox(label="Trigger word", placeholder="sks", info="Put first in every caption, once")
@@ -44,9 +45,9 @@ def build(session: AppSession, dataset_tab) -> None:
             suffix = gr.Textbox(label="Suffix", info="Text after each caption")
         with gr.Row():
             mode = gr.Radio(V.MODE_CHOICES, value="skip_existing", label="Existing captions", scale=3)
-            max_length = gr.Number(0, label="Max length", precision=0, minimum=0, maximum=V.MAX_LENGTH, scale=1,
+            max_length = CheckedNumber(0, label="Max length", precision=0, minimum=0, maximum=V.MAX_LENGTH, scale=1,
                                    info="Characters; 0 = no limit")
-            batch_size = gr.Number(0, label="Batch size", precision=0, minimum=0, maximum=V.MAX_BATCH, scale=1,
+            batch_size = CheckedNumber(0, label="Batch size", precision=0, minimum=0, maximum=V.MAX_BATCH, scale=1,
                                    info="0 = the captioner's default")
         with gr.Row():
             run = gr.Button("Caption dataset", variant="primary", scale=3)

@@ -304,7 +304,8 @@ class Handlers:
         c["model.family"].input(self.change_family, form, filled + [w.validate, w.applied],
                                 api_name="config_change_family").then(**then)
         c["output.name"].input(self.follow_name, [c["output.name"], c["output.dir"], w.auto_dir],
-                               [c["output.dir"], w.auto_dir], api_name="config_follow_name").then(**then)
+                               [c["output.dir"], w.auto_dir], api_name="config_follow_name",
+                               trigger_mode="always_last").then(**then)
         w.upload.upload(self.load_upload, w.upload, filled + [w.file_status]).then(**then)
         w.load.click(self.load_saved, w.saved, filled + [w.file_status], api_name="config_load_saved").then(**then)
         w.plan_button.click(self.plan, form, w.plan, api_name="config_plan")

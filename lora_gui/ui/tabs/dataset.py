@@ -19,6 +19,7 @@ from gradio.components.base import server
 from gradio.exceptions import InvalidPathError
 
 from lora_gui.ui import dataset_view as V
+from lora_gui.ui.checked import CheckedNumber
 from lora_gui.ui.dataset_view import DatasetViewError
 from lora_gui.ui.guard import message_guard
 from lora_gui.ui.session import AppSession
@@ -67,7 +68,7 @@ def build(session: AppSession, panel: gr.Tab | None = None) -> DatasetTab:
     with gr.Row(equal_height=True):
         trigger = gr.Textbox(label="Trigger word", placeholder="sks", scale=2,
                              info="The word every caption should contain; its coverage is reported")
-        resolution = gr.Number(512, label="Resolution", precision=0, minimum=V.MIN_RESOLUTION,
+        resolution = CheckedNumber(512, label="Resolution", precision=0, minimum=V.MIN_RESOLUTION,
                                maximum=V.MAX_RESOLUTION, scale=1,
                                info="As on the Config tab (buckets, upscaling)")
         check = gr.Button("Check dataset", variant="primary", scale=1)
@@ -139,6 +140,7 @@ def build(session: AppSession, panel: gr.Tab | None = None) -> DatasetTab:
                 existing: _choices(workspace, result.folder), message: result.message(workspace)}
 
     def on_check(text, word, size, progress=gr.Progress()):  # noqa: B008
+        V.check_inputs(word, size)  # the settings first: a wrong one is named even before a folder is picked
         return checked(V.resolve_dataset(workspace, text), word, size, progress)
 
     everything = [folder, trigger, existing, uploads, message, gallery, summary, histogram, table, shown]

@@ -13,6 +13,7 @@ from gradio.context import Context
 from lora_gui.config import ConfigError
 from lora_gui.engine.compare import NO_LORA
 from lora_gui.ui import comparison
+from lora_gui.ui.checked import CheckedNumber, CheckedSlider
 from lora_gui.ui.comparison import ComparisonError
 from lora_gui.ui.workspace import OutsideWorkspace
 
@@ -92,11 +93,11 @@ def build(session, config_tab) -> None:
     prompt = gr.Textbox(start.get("prompt", ""), label="Prompt", lines=2)
     negative = gr.Textbox(start.get("negative_prompt", ""), label="Negative prompt (used by models sampled with classifier-free guidance)")
     with gr.Row():
-        seed = gr.Number(start["seed"], label="Seed", precision=0, minimum=0, maximum=2**32 - 1)
-        steps = gr.Slider(1, 200, value=start["steps"], step=1, label="Steps")
-        guidance = gr.Slider(0, 50, value=start["guidance"], step=0.5, label="Guidance")
-        width = gr.Number(start["width"], label="Width", precision=0, minimum=64, maximum=2048)
-        height = gr.Number(start["height"], label="Height", precision=0, minimum=64, maximum=2048)
+        seed = CheckedNumber(start["seed"], label="Seed", precision=0, minimum=0, maximum=2**32 - 1)
+        steps = CheckedSlider(1, 200, value=start["steps"], step=1, label="Steps")
+        guidance = CheckedSlider(0, 50, value=start["guidance"], step=0.5, label="Guidance")
+        width = CheckedNumber(start["width"], label="Width", precision=0, minimum=64, maximum=2048)
+        height = CheckedNumber(start["height"], label="Height", precision=0, minimum=64, maximum=2048)
     render_button = gr.Button("Render", variant="primary")
     message = gr.Markdown()
     image = gr.Image(label="Comparison (rows: LoRAs, columns: scales)", type="pil", format="png",
