@@ -37,6 +37,13 @@ class FakeConfigTab:
     def inputs(self) -> set:
         return set(self.components.values())
 
+    def load_file(self, path, label: str) -> tuple[dict, str]:
+        from lora_gui.config import build_config
+
+        config = build_config(file=path)
+        return ({component: getattr(getattr(config, key.split(".")[0]), key.split(".")[1])
+                 for key, component in self.components.items()}, f"Loaded {label}")
+
 
 def fake_config_tab(base: TrainingConfig) -> FakeConfigTab:
     keys = {"output.dir": gr.Textbox, "dataset.dir": gr.Textbox, "train.max_steps": gr.Number}
@@ -183,14 +190,74 @@ def test_start_refusals_say_what_to_do(tmp_path):
     refused = train.start_run(session, tab, form_values(tab))
     assert "already holds a finished LoRA" in refused and "Overwrite" in refused
     assert not session.runner.is_active
-    assert "not a complete checkpoint" in train.resume_run(session, tab, form_values(tab), "outputs/run/../../x")
+    assert "not a complete checkpoint" in train.resume_run(session, tab, form_values(tab), "outputs/run",
+                                                           "outputs/run/../../x")
+    assert "not a run folder under outputs" in train.resume_run(session, tab, form_values(tab), "datasets", "x")
     assert train.control(session, "pause").startswith("⚠️ Pause is not possible while the run is idle")
     status, memory, *triggers = train.poll(session)
     assert "Idle" in status and memory.startswith("GPU memory") and len(triggers) == len(run_view.GROUPS)
     assert train.poll(session) == [status, memory, *triggers]  # nothing changed: the browser fetches nothing more
     controls = train.controls_panel(session)
-    assert controls[4 + train.BUTTONS.index("start")]["interactive"] is True
-    assert controls[4 + train.BUTTONS.index("stop")]["interactive"] is False
+    assert controls[5 + train.BUTTONS.index("start")]["interactive"] is True
+    assert controls[5 + train.BUTTONS.index("stop")]["interactive"] is False
+
+
+def write_run(workspace, name: str, steps: list[int], finished: bool = False, config=None):
+    """A run folder as training leaves it: config.toml, complete checkpoints, the final LoRA when finished."""
+    from lora_gui.config import save_config
+    from lora_gui.engine.checkpoint import COMPLETE_MARKER, checkpoints_dir
+
+    folder = workspace.outputs / name
+    folder.mkdir(parents=True)
+    if config is not None:
+        saved = config.model_copy(deep=True)
+        saved.output.dir = str(folder)
+        save_config(saved, folder / "config.toml")
+    for step in steps:
+        checkpoint = checkpoints_dir(folder) / f"step-{step:06d}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / COMPLETE_MARKER).write_text("ok")
+    if finished:
+        (folder / "test-lora.safetensors").write_bytes(b"x")
+    return folder
+
+
+def test_runs_are_listed_live_first_then_newest_with_their_state(tmp_path):
+    import os
+
+    from lora_gui.ui import runs
+
+    session, tab = make_workspace(tmp_path)
+    for age, (name, steps, finished) in enumerate([("done", [10, 20], True), ("halted", [34], False),
+                                                   ("empty", [], False), ("live", [], False)]):
+        folder = write_run(session.workspace, name, steps, finished, tab.base)
+        for path in [*folder.rglob("*"), folder]:  # written in that order, a second apart
+            os.utime(path, (1000 - age, 1000 - age))
+    session.runner = StubRunner(RunSnapshot(state="paused", step=12), session.workspace.outputs / "live")
+    session.runner.is_active = True
+    listed = runs.list_runs(session.workspace, session.runner)
+    assert [entry.label for entry in listed] == ["outputs/live · paused at step 12", "outputs/done · finished at step 20",
+                                                "outputs/halted · stopped at step 34", "outputs/empty · no checkpoints"]
+    choices, chosen = train.run_choices(session)
+    assert chosen == "outputs/live" and choices[1] == ("outputs/done · finished at step 20", "outputs/done")
+
+
+def test_picking_a_run_loads_its_config_and_lists_its_checkpoints(tmp_path):
+    session, tab = make_workspace(tmp_path)
+    run_config = tab.base.model_copy(deep=True)
+    run_config.train.max_steps = 80
+    write_run(session.workspace, "halted", [17, 34], config=run_config)
+    updates, checkpoints, text = train.pick_run(session, tab, "outputs/halted")
+    assert updates[tab.components["train.max_steps"]] == 80
+    assert updates[tab.components["output.dir"]].endswith("outputs/halted")
+    assert checkpoints == [("step 34", "outputs/halted/checkpoints/step-000034"),
+                           ("step 17", "outputs/halted/checkpoints/step-000017")]
+    assert "Loaded `outputs/halted/config.toml`" in text
+    other_form = form_values(tab)  # output.dir still names outputs/run
+    refused = train.resume_run(session, tab, other_form, "outputs/halted", checkpoints[0][1])
+    assert "not the run `outputs/halted`" in refused and not session.runner.is_active
+    _, none, text = train.pick_run(session, tab, "outputs/../../etc")
+    assert none == [] and "outside the workspace" in text
 
 
 class StubRunner:

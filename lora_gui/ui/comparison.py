@@ -107,7 +107,7 @@ def run_config(run_dir: Path) -> TrainingConfig:
 
 def lora_choices(run_dir: Path) -> list[LoraChoice]:
     """'no LoRA', every complete checkpoint's LoRA (oldest first) and the final LoRA, as they are on disk."""
-    name = _lora_name(run_dir)
+    name = lora_name(run_dir)
     choices = [LoraChoice(NO_LORA, NO_LORA, None)]
     for folder in list_checkpoints(run_dir):
         file = _lora_file_in(folder, name)
@@ -119,7 +119,7 @@ def lora_choices(run_dir: Path) -> list[LoraChoice]:
     return choices
 
 
-def _lora_name(run_dir: Path) -> str | None:
+def lora_name(run_dir: Path) -> str | None:
     try:
         return build_config(file=run_dir / "config.toml").output.name
     except ConfigError:

@@ -41,6 +41,26 @@ class ConfigTab:
         """{component: value} as Gradio passes it -> a validated config with absolute paths."""
         return form_to_config(self.form_values(values), self.workspace)
 
+    def fill(self, form: dict[str, Any]) -> dict:
+        """Updates that put ``form`` into the components, with the family's model and target choices."""
+        family = form.get("model.family") if form.get("model.family") in FAMILIES else DEFAULT_FAMILY
+        updates = {self.components[key]: value for key, value in form.items() if key in self.components}
+        base_options = forms.base_choices(family, self.workspace)
+        target_options = list(forms.target_choices(family))
+        for key, options in (("model.base", base_options), ("lora.targets", target_options)):
+            updates[self.components[key]] = gr.update(value=form[key], choices=forms.with_value(options, form[key]))
+        return updates
+
+    def load_file(self, path: Path, label: str) -> tuple[dict, str]:
+        """The updates that show a config file in the form, and what to tell the user; raises ConfigError."""
+        config = P.load_config(path)
+        shown = forms.relative_paths(forms.config_to_values(config.model_dump(mode="json")), self.workspace)
+        if shown.get("model.family") == AUTO:
+            detect_into(shown, self.workspace)
+        outside = [k for k in forms.PATH_KEYS if isinstance(shown.get(k), str) and Path(shown[k]).is_absolute()]
+        note = f" ⚠️ Outside the workspace, fix before training: {', '.join(outside)}." if outside else ""
+        return self.fill(shown), f"✅ Loaded {label}.{note}"
+
 
 def form_to_config(form: dict[str, Any], workspace: Workspace) -> TrainingConfig:
     data = forms.absolute_paths(forms.values_to_data(form), workspace)
@@ -211,14 +231,7 @@ class Handlers:
         return {panels[name]: text for name, text in texts.items()}
 
     def fill(self, form: dict[str, Any]) -> dict:
-        """Updates that put ``form`` into the components, with the family's model and target choices."""
-        family = form.get("model.family") if form.get("model.family") in FAMILIES else DEFAULT_FAMILY
-        updates = {self.c[key]: value for key, value in form.items()}
-        base_options = forms.base_choices(family, self.workspace)
-        target_options = list(forms.target_choices(family))
-        for key, options in (("model.base", base_options), ("lora.targets", target_options)):
-            updates[self.c[key]] = gr.update(value=form[key], choices=forms.with_value(options, form[key]))
-        return updates
+        return self.tab.fill(form)
 
     def apply(self, values: dict):
         form = self.tab.form_values(values)
@@ -249,13 +262,8 @@ class Handlers:
         return {self.c["output.dir"]: new_dir, self.w.auto_dir: new_dir}
 
     def load_path(self, path: Path, label: str) -> dict:
-        config = P.load_config(path)
-        shown = forms.relative_paths(forms.config_to_values(config.model_dump(mode="json")), self.workspace)
-        if shown.get("model.family") == AUTO:
-            detect_into(shown, self.workspace)
-        outside = [k for k in forms.PATH_KEYS if isinstance(shown.get(k), str) and Path(shown[k]).is_absolute()]
-        note = f" ⚠️ Outside the workspace, fix before training: {', '.join(outside)}." if outside else ""
-        return {**self.fill(shown), self.w.file_status: f"✅ Loaded {label}.{note}"}
+        updates, message = self.tab.load_file(path, label)
+        return {**updates, self.w.file_status: message}
 
     def load_upload(self, path: Any):
         if not isinstance(path, str) or not path:  # the upload box was cleared

@@ -12,7 +12,7 @@ from gradio.context import Context
 
 from lora_gui.config import ConfigError
 from lora_gui.engine.compare import NO_LORA
-from lora_gui.ui import comparison
+from lora_gui.ui import comparison, runs
 from lora_gui.ui.checked import CheckedNumber, CheckedSlider
 from lora_gui.ui.comparison import ComparisonError
 from lora_gui.ui.workspace import OutsideWorkspace
@@ -21,10 +21,12 @@ FIELDS = ("run", "loras", "scales", "prompt", "negative_prompt", "seed", "steps"
 DEFAULT_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height")
 
 
-def run_options(session, config_tab=None, values: dict | None = None) -> tuple[list[str], str | None]:
-    """Run folders under outputs/ and the one to show: the Config tab's output.dir, else the active run."""
-    runs = session.workspace.list_runs()
-    preferred = []
+def run_options(session, config_tab=None, values: dict | None = None) -> tuple[list[tuple[str, str]], str | None]:
+    """Run folders under outputs/ as (label with status, folder), and the one to show: the live or paused run,
+    else the Config tab's output.dir, else the newest."""
+    entries = runs.list_runs(session.workspace, session.runner)
+    folders = [entry.folder for entry in entries]
+    preferred = [entry.folder for entry in entries if entry.live]
     if config_tab is not None and values is not None:
         try:
             inputs = config_tab.inputs()
@@ -32,10 +34,8 @@ def run_options(session, config_tab=None, values: dict | None = None) -> tuple[l
             preferred.append(session.workspace.relative(session.workspace.resolve(config.output.dir)))
         except (ConfigError, OutsideWorkspace):
             pass
-    if session.runner.output_dir is not None:
-        preferred.append(session.workspace.relative(session.runner.output_dir))
-    chosen = next((run for run in preferred if run in runs), runs[0] if runs else None)
-    return runs, chosen
+    chosen = next((run for run in preferred if run in folders), folders[0] if folders else None)
+    return runs.choices(entries), chosen
 
 
 def load_run(session, run: str | None) -> dict:

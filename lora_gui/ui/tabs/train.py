@@ -30,10 +30,10 @@ from lora_gui.config import ConfigError, TrainingConfig
 from lora_gui.engine.checkpoint import checkpoint_step, list_checkpoints
 from lora_gui.engine.outputs import previous_run_problem
 from lora_gui.engine.runner import RunAlreadyActive
-from lora_gui.ui import run_view
+from lora_gui.ui import run_view, runs
 from lora_gui.ui.comparison import release_cached_pipeline
 from lora_gui.ui.light_routes import JsonRoute
-from lora_gui.ui.workspace import OutsideWorkspace
+from lora_gui.ui.workspace import OutsideWorkspace, clip
 
 BUTTONS = ("start", "resume_checkpoint", "pause", "continue", "stop", "sample", "save")
 
@@ -87,10 +87,17 @@ def start_run(session, config_tab, values: dict, overwrite: bool = False) -> str
         return f"⚠️ {exc}"
 
 
-def resume_run(session, config_tab, values: dict, checkpoint: str | None) -> str:
+def resume_run(session, config_tab, values: dict, run: str | None, checkpoint: str | None) -> str:
+    """Resume ``run`` from one of its checkpoints with the Config tab's settings, which must name that run's
+    folder as output.dir (picking the run loads its config.toml into the form)."""
     try:
+        run_dir = run_folder(session, run)
         config = read_config(session, config_tab, values)
-        found = {str(path.resolve()): path for path in list_checkpoints(config.output.dir)}
+        if Path(config.output.dir).resolve() != run_dir.resolve():
+            raise StartRefused(f"The Config tab's output.dir is `{session.workspace.relative(Path(config.output.dir))}`, "
+                               f"not the run `{session.workspace.relative(run_dir)}`: pick the run again to load its "
+                               "config, or set output.dir to its folder.")
+        found = {str(path.resolve()): path for path in list_checkpoints(run_dir)}
         if not checkpoint:
             raise StartRefused("Pick a checkpoint to resume from (press Refresh to list them).")
         try:
@@ -98,11 +105,24 @@ def resume_run(session, config_tab, values: dict, checkpoint: str | None) -> str
         except OutsideWorkspace:
             chosen = None
         if chosen is None:
-            raise StartRefused(f"{checkpoint} is not a complete checkpoint of output.dir {config.output.dir}; "
+            raise StartRefused(f"{clip(checkpoint)} is not a complete checkpoint of {session.workspace.relative(run_dir)}; "
                                "press Refresh and pick one from the list.")
         return _launch(session, config, chosen)
     except StartRefused as exc:
         return f"⚠️ {exc}"
+
+
+def run_folder(session, run) -> Path:
+    """A run folder under outputs/, refused anywhere else."""
+    if not isinstance(run, str) or not run.strip():
+        raise StartRefused("Pick a run folder (press Refresh to list the runs under outputs/).")
+    try:
+        path = session.workspace.resolve(run)
+    except OutsideWorkspace as exc:
+        raise StartRefused(str(exc)) from None
+    if not path.is_relative_to(session.workspace.outputs) or path == session.workspace.outputs or not path.is_dir():
+        raise StartRefused(f"{clip(run)} is not a run folder under outputs/; press Refresh and pick one from the list.")
+    return path
 
 
 def _launch(session, config: TrainingConfig, resume_from: Path | None, overwrite: bool = False) -> str:
@@ -152,14 +172,29 @@ def checkpoint_choices(session, output_dir) -> list[tuple[str, str]]:
             for path in reversed(list_checkpoints(output_dir))]
 
 
-def refresh_checkpoints(session, config_tab, values: dict):
+def run_choices(session, chosen: str | None = None) -> tuple[list[tuple[str, str]], str | None]:
+    """The run picker's (label, folder) choices and the one to select: ``chosen`` if it is still there, else
+    the live run, else the newest."""
+    choices = runs.choices(runs.list_runs(session.workspace, session.runner))
+    folders = [folder for _, folder in choices]
+    return choices, chosen if chosen in folders else (folders[0] if folders else None)
+
+
+def pick_run(session, config_tab, run) -> tuple[dict, list[tuple[str, str]], str]:
+    """A run picked for resuming: (updates that load its config.toml into the Config tab, its checkpoints,
+    what to tell the user)."""
     try:
-        config = read_config(session, config_tab, values)
+        run_dir = run_folder(session, run)
     except StartRefused as exc:
-        return gr.update(choices=[], value=None), f"⚠️ {exc}"
-    choices = checkpoint_choices(session, config.output.dir)
-    note = "" if choices else f"No complete checkpoints in `{session.workspace.relative(Path(config.output.dir))}`."
-    return gr.update(choices=choices, value=choices[0][1] if choices else None), note
+        return {}, [], f"⚠️ {exc}"
+    choices = checkpoint_choices(session, run_dir)
+    where = session.workspace.relative(run_dir)
+    found = "" if choices else " It has no complete checkpoints to resume from."
+    try:
+        updates, _ = config_tab.load_file(run_dir / "config.toml", f"{where}/config.toml")
+    except ConfigError as exc:
+        return {}, choices, f"⚠️ Could not load `{where}/config.toml` ({exc}); the Config tab is unchanged.{found}"
+    return updates, choices, f"Loaded `{where}/config.toml` into the Config tab.{found}"
 
 
 # ----------------------------------------------------------------------------- polling
@@ -210,8 +245,10 @@ def controls_panel(session) -> list:
     view = current_view(session)
     error_text, error_details = view.error or ("", "")
     choices = view.checkpoints
+    run = None if session.runner.output_dir is None else session.workspace.relative(session.runner.output_dir)
     return [
         gr.update(value=error_text, visible=bool(error_text)), gr.update(visible=bool(error_details)), error_details,
+        gr.skip() if run is None else gr.update(choices=run_choices(session, run)[0], value=run),
         gr.skip() if choices is None else gr.update(choices=choices, value=choices[0][1] if choices else None),
         *[gr.update(interactive=view.buttons[name]) for name in BUTTONS],
         gr.Timer(POLL_S if view.active else IDLE_POLL_S),
@@ -252,9 +289,13 @@ def build(session, config_tab) -> list[JsonRoute]:
         }
     overwrite = gr.Checkbox(False, label="Overwrite: train from step 0 even if output.dir holds a finished LoRA "
                                          "or checkpoints (deletes them)")
+    initial_runs, _ = run_choices(session)
     with gr.Accordion("Resume from a checkpoint", open=False):
         with gr.Row():
-            checkpoint = gr.Dropdown([], label="Complete checkpoints of the Config tab's output.dir", scale=4)
+            run_picker = gr.Dropdown(initial_runs, value=None, label="Run folder", scale=3, elem_id="lg-resume-run",
+                                     info="Live first, then newest. Picking one loads its config.toml into the "
+                                          "Config tab.")
+            checkpoint = gr.Dropdown([], label="Checkpoint", scale=2, elem_id="lg-resume-checkpoint")
             refresh = gr.Button("Refresh", scale=1)
             buttons["resume_checkpoint"] = gr.Button("Resume", variant="primary", scale=1)
     message = gr.Markdown()
@@ -293,7 +334,7 @@ def build(session, config_tab) -> list[JsonRoute]:
     triggers["gallery"].change(lambda: gallery_panel(session), None, gallery, api_name="train_gallery", **quiet)
     triggers["log"].change(lambda: log_panel(session), None, log, api_name="train_log", **quiet)
     triggers["controls"].change(lambda: controls_panel(session), None,
-                                [error, details_box, details, checkpoint, *button_list, timer],
+                                [error, details_box, details, run_picker, checkpoint, *button_list, timer],
                                 api_name="train_controls", **quiet)
     config_inputs = config_tab.inputs()
 
@@ -301,17 +342,29 @@ def build(session, config_tab) -> list[JsonRoute]:
         return start_run(session, config_tab, data, overwrite=bool(data.get(overwrite)))
 
     def on_resume(data):
-        return resume_run(session, config_tab, data, data.get(checkpoint))
+        return resume_run(session, config_tab, data, data.get(run_picker), data.get(checkpoint))
+
+    def on_pick(run):
+        updates, choices, text = pick_run(session, config_tab, run)
+        return {**updates, checkpoint: gr.update(choices=choices, value=choices[0][1] if choices else None),
+                message: text}
+
+    def on_refresh(run):
+        choices, chosen = run_choices(session, run)
+        listed = checkpoint_choices(session, session.workspace.root / chosen) if chosen else []
+        return (gr.update(choices=choices, value=chosen),
+                gr.update(choices=listed, value=listed[0][1] if listed else None))
 
     def then_poll(event):  # show the new state at once instead of at the next tick
         event.then(lambda: poll(session), None, poll_outputs, show_progress="hidden", api_visibility="undocumented")
 
     then_poll(buttons["start"].click(on_start, config_inputs | {overwrite}, message, api_name="train_start"))
-    then_poll(buttons["resume_checkpoint"].click(on_resume, config_inputs | {checkpoint}, message,
+    then_poll(buttons["resume_checkpoint"].click(on_resume, config_inputs | {run_picker, checkpoint}, message,
                                                  api_name="train_resume"))
+    run_picker.input(on_pick, run_picker, [*config_tab.components.values(), checkpoint, message],
+                     api_name="train_pick_run")
     for action in ("pause", "continue", "stop", "sample", "save"):
         then_poll(buttons[action].click(lambda action=action: control(session, action), None, message,
                                         api_name=f"train_{action}"))
-    refresh.click(lambda data: refresh_checkpoints(session, config_tab, data), config_inputs, [checkpoint, message],
-                  api_name="train_checkpoints")
+    refresh.click(on_refresh, run_picker, [run_picker, checkpoint], api_name="train_checkpoints")
     return [poll_route]
