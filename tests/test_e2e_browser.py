@@ -42,6 +42,13 @@ def choose(page, label: str, option: str | re.Pattern) -> None:
     page.get_by_role("option", name=option).click()
 
 
+def type_into(page, label: str, text: str) -> None:
+    """Replace a text field's content by typing, as a person does (Gradio's input event follows keystrokes)."""
+    box = field(page, label).first
+    box.fill("")
+    box.press_sequentially(text, delay=20)
+
+
 def set_number(page, label: str, value: int) -> None:
     box = field(page, label).first
     box.fill(str(value))
@@ -103,10 +110,20 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     set_number(page, "Max steps", 400)
     set_number(page, "Save every N steps", 4)
     set_number(page, "Sample every N steps", 4)
-    field(page, "Name").fill("e2e-lora")
-    field(page, "Output folder").fill("outputs/e2e")
-    field(page, "Name").press("Tab")
+    field(page, "Name").fill("")
+    field(page, "Name").press_sequentially("portrait-style", delay=70)  # typed at human speed
+    expect(field(page, "Output folder")).to_have_value("outputs/portrait-style", timeout=30_000)
+    set_number(page, "Learning rate", -0.001)  # refused on the server, naming the field
+    expect(page.get_by_text(re.compile(r"train\.learning_rate.*greater than 0"))).to_be_visible(timeout=30_000)
+    screenshot(page, shots / "03a-hostile-value.png")
+    set_number(page, "Learning rate", 0.0001)
+    type_into(page, "Name", "e2e-lora")
+    expect(field(page, "Output folder")).to_have_value("outputs/e2e-lora", timeout=30_000)
+    type_into(page, "Output folder", "outputs/e2e")
+    field(page, "Output folder").press("Tab")
     expect(page.get_by_text("Config is valid")).to_be_visible(timeout=30_000)
+    cli = page.locator(".cm-content").last  # the equivalent CLI command, made from what the server got
+    expect(cli).to_contain_text(re.compile(r'output\.dir="\S*/outputs/e2e"'), timeout=30_000)
     screenshot(page, shots / "03-config.png")
 
     # 4. Train: start, watch the loss plot and validation images appear, stop.
@@ -119,6 +136,15 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     expect(loss_lines.first).to_have_attribute("d", re.compile(r"^M[\d.,-]+L"))  # two or more points
     checkpoints = workspace / "outputs" / "e2e" / "checkpoints"
     wait_for_files(page, checkpoints, "step-0000*/COMPLETE", 2)
+    page.reload()  # the form and the run come back
+    page.get_by_role("tab", name="Config").click()
+    expect(field(page, "Max steps")).to_have_value("400", timeout=30_000)
+    expect(field(page, "Name")).to_have_value("e2e-lora")
+    expect(field(page, "Output folder")).to_have_value("outputs/e2e")
+    expect(field(page, "Dataset folder").first).to_have_value("datasets/sample")
+    page.get_by_role("tab", name="Train").click()
+    expect(page.get_by_text(re.compile(r"Running · step \d+ / 400"))).to_be_visible(timeout=30_000)
+    screenshot(page, shots / "04a-reloaded-mid-run.png")
     second = page.context.new_page()  # the run belongs to the app: another browser tab shows it live
     second.goto(url)
     second.get_by_role("tab", name="Train").click()
@@ -128,6 +154,11 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     page.get_by_role("button", name="Stop", exact=True).click()
     expect(page.get_by_text(re.compile(r"\bstopped\b", re.I)).first).to_be_visible(timeout=LONG)
     screenshot(page, shots / "04-train.png")
+    page.get_by_text("Resume from a checkpoint").click()  # the stopped run and its checkpoints are offered
+    expect(page.locator("#lg-resume-run input")).to_have_value(re.compile(r"^outputs/e2e · stopped at step \d+$"),
+                                                               timeout=30_000)
+    expect(page.locator("#lg-resume-checkpoint input")).to_have_value(re.compile(r"^step \d+$"))
+    screenshot(page, shots / "04b-resume-picker.png")
     metrics = (workspace / "outputs" / "e2e" / "metrics.csv").read_text().splitlines()
     assert metrics[0] == "step,epoch,loss,lr,sec_per_step" and len(metrics) >= 5
 

@@ -94,7 +94,7 @@ def test_clearing_the_config_upload_is_not_an_error(app):
 
 
 HOSTILE_NUMBERS = (-1e9, 1e300, "12abc", [7], None)
-NUMERIC_COMPONENTS = {"Number", "Slider"}
+NUMERIC_COMPONENTS = {"Number", "Slider", "Checkednumber", "Checkedslider"}
 FILE_COMPONENTS = {"File", "Image", "Gallery", "Files", "UploadButton"}
 
 

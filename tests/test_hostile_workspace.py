@@ -29,7 +29,7 @@ from lora_gui.ui import caption_editor as E
 from lora_gui.ui import captions_view as C
 from lora_gui.ui import dataset_view as V
 from lora_gui.ui import login as L
-from lora_gui.ui.session import AppSession, GpuInfo
+from lora_gui.ui.session import AppSession
 from lora_gui.ui.workspace import BadPath, Workspace, clip
 
 SECRET = "outside-secret-5c1e"
@@ -238,22 +238,29 @@ def test_listen_without_auth_warns_in_the_terminal_and_the_app(tmp_path):
 # ---------------------------------------------------------------------------- C: Name after a hand-edited folder
 
 
-def test_name_field_after_editing_the_output_folder(tmp_path):
-    from gradio_client import Client
+def test_the_page_makes_the_same_output_folder_from_a_name_as_the_server():
+    """output.dir follows output.name in the page (FOLLOW_NAME_JS): run in Chromium, it gives the folder
+    ``name_folder`` gives for hostile names too, and leaves a folder the user typed alone."""
+    from app_server import CHROMIUM, CHROMIUM_ARGS
 
-    from lora_gui.ui.tabs import config
+    from lora_gui.ui.tabs.config import FOLLOW_NAME_JS, name_folder
 
-    session = AppSession(workspace=Workspace.create(tmp_path / "ws"))
-    session.__dict__["gpu"] = GpuInfo("NVIDIA GeForce RTX 4090", 23.6)  # no torch.cuda probing
-    with serving(lambda: config.build(session)) as url:
-        for name in ("m", "my", "my run"):  # every keystroke, output.dir edited by hand: nothing changes
-            answer = call(url, "config_follow_name", [name, "outputs/custom", "outputs/my-lora"])
-            assert result(answer) == [{"__type__": "update"}, None], answer
-        client = Client(url, verbose=False)
-        assert client.predict("cats v2", "outputs/my-lora", api_name="/config_follow_name") == "outputs/cats-v2"
-        assert client.predict("cats v3", "", api_name="/config_follow_name") == "outputs/cats-v3"
-        answer = call(url, "config_follow_name", [None, "outputs/custom", "outputs/my-lora"])
-        assert result(answer) == [{"__type__": "update"}, None]
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium")
+    names = ["portrait-style", "cats v2", "  ..hidden..  ", "ünïcode ✨ name", "a/b\\c", "", "...", "x" * 200,
+             "../../etc", "semi;colon$(rm)"]
+    with sync_api.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            follow = f"([name, folder, follows]) => ({FOLLOW_NAME_JS})(name, folder, follows)"
+            for name in names:
+                assert page.evaluate(follow, [name, "outputs/old", True]) == [name_folder(name), True], name
+            assert page.evaluate(follow, ["cats", "outputs/custom", False]) == ["outputs/custom", False]
+            assert page.evaluate(follow, [None, "outputs/x", True]) == ["outputs/my-lora", True]
+        finally:
+            browser.close()
 
 
 # ---------------------------------------------------------------------------- D: long values echoed

@@ -270,3 +270,21 @@ def test_auto_family_is_detected_from_the_base(workspace):
         config_tab.detect_into({"model.family": "auto", "model.base": "../outside"}, workspace)
     with pytest.raises(ConfigError, match="model.family auto: .*not a built-in model, an existing file"):
         config_tab.detect_into({"model.family": "auto", "model.base": "no such thing"}, workspace)
+
+
+def test_the_form_draft_survives_as_written_and_hostile_files_are_ignored(workspace):
+    from lora_gui.ui.draft import draft_path, load_draft, save_draft
+
+    keys = {spec.key for spec in forms.field_specs()}
+    assert load_draft(workspace, keys) is None  # nothing edited yet: the defaults
+    form = {"train.max_steps": 400, "output.name": "portrait-style", "train.learning_rate": -0.001,
+            "sample.prompts": "a\nb", "model.family": "sdxl"}
+    save_draft(workspace, {**form, "not.a.field": 1, "dataset.dir": {"nested": "dict"}}, "24 GB")
+    assert load_draft(workspace, keys) == (form, "24 GB")  # invalid values too: it is a draft
+    path = draft_path(workspace)
+    assert path.parent == workspace.state and workspace.list_runs() == [] and workspace.list_datasets() == []
+    for hostile in ("{not json", "[1, 2]", '{"form": "x"}', '{"form": {"train.max_steps": [1, {"a": 2}]}}'):
+        path.write_text(hostile)
+        assert load_draft(workspace, keys) is None, hostile
+    path.write_bytes(b"{" + b" " * 2_000_000 + b"}")
+    assert load_draft(workspace, keys) is None

@@ -37,6 +37,9 @@ class FakeConfigTab:
     def inputs(self) -> set:
         return set(self.components.values())
 
+    def outputs(self) -> list:
+        return list(self.components.values())
+
     def load_file(self, path, label: str) -> tuple[dict, str]:
         from lora_gui.config import build_config
 

@@ -5,6 +5,10 @@ a toast that names no field, a traceback in the terminal and an "Error" badge on
 event. These components pass the value on as it came (rounded to their precision when it is a finite
 number), and each handler refuses it with a message that names the field and its range. The browser
 still shows the range: the limits stay on the component.
+
+They are classes because Gradio rebuilds a component from its class when a handler updates it. Gradio
+writes a type-stub file (``checked.pyi``) next to any module that defines components; it is kept in the
+repository, so that it is not written at run time.
 """
 
 from __future__ import annotations
@@ -30,17 +34,25 @@ def as_shown(value: Any, precision: int | None) -> Any:
     return gr.Number.round_to_precision(value, precision)
 
 
-def _checked(component):
-    """The component with the two conversions above (set on the instance: a subclass would make Gradio write
-    a type-stub file next to this module)."""
-    component.preprocess = lambda payload: as_sent(payload, component.precision)
-    component.postprocess = lambda value: as_shown(value, component.precision)
-    return component
+class CheckedNumber(gr.Number):
+    @classmethod
+    def get_block_name(cls) -> str:  # the page shows it with Gradio's own Number
+        return "number"
+
+    def preprocess(self, payload: Any) -> Any:
+        return as_sent(payload, self.precision)
+
+    def postprocess(self, value: Any) -> Any:
+        return as_shown(value, self.precision)
 
 
-def CheckedNumber(*args, **kwargs) -> gr.Number:  # noqa: N802 (used like the component class it makes)
-    return _checked(gr.Number(*args, **kwargs))
+class CheckedSlider(gr.Slider):
+    @classmethod
+    def get_block_name(cls) -> str:
+        return "slider"
 
+    def preprocess(self, payload: Any) -> Any:
+        return as_sent(payload, self.precision)
 
-def CheckedSlider(*args, **kwargs) -> gr.Slider:  # noqa: N802
-    return _checked(gr.Slider(*args, **kwargs))
+    def postprocess(self, value: Any) -> Any:
+        return as_shown(value, self.precision)

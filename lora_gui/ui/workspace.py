@@ -52,6 +52,11 @@ class Workspace:
     def configs(self) -> Path:
         return self.root / "configs"
 
+    @property
+    def state(self) -> Path:
+        """What the app keeps between page loads and restarts (the Config tab's draft, the run queue)."""
+        return self.root / ".lora-gui"
+
     def allowed_paths(self) -> list[str]:
         """Folders whose files the browser may fetch: datasets and outputs, nothing else."""
         return [str(self.datasets), str(self.outputs)]

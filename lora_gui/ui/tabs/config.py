@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.context import Context
 
 from lora_gui.config import FAMILIES, ConfigError, ModelSection, TrainingConfig, validate_config
 from lora_gui.engine.families.detect import AUTO, detect_family
@@ -18,7 +19,8 @@ from lora_gui.engine.planner import HEADROOM, PlanError, plan_memory
 from lora_gui.engine.planner.advice import fitting_advice
 from lora_gui.ui import forms
 from lora_gui.ui import presets as P
-from lora_gui.ui.guard import message_guard
+from lora_gui.ui.draft import load_draft, save_draft
+from lora_gui.ui.guard import log, message_guard
 from lora_gui.ui.session import AppSession, GpuInfo
 from lora_gui.ui.workspace import OutsideWorkspace, Workspace, safe_folder_name
 
@@ -30,6 +32,12 @@ INTRO = ("Pick the VRAM preset for your GPU and click **Apply preset**, then adj
 class ConfigTab:
     components: dict[str, gr.components.Component]  # "section.key" -> component, every schema field
     workspace: Workspace
+    # Whether output.dir follows output.name (outputs/<name>), until the user types a folder of their own
+    follows: gr.Checkbox | None = None
+
+    def outputs(self) -> list:
+        """What ``fill`` updates: every field, and whether output.dir follows the name."""
+        return [*self.components.values(), *([self.follows] if self.follows is not None else [])]
 
     def inputs(self) -> set:
         return set(self.components.values())
@@ -49,6 +57,9 @@ class ConfigTab:
         target_options = list(forms.target_choices(family))
         for key, options in (("model.base", base_options), ("lora.targets", target_options)):
             updates[self.components[key]] = gr.update(value=form[key], choices=forms.with_value(options, form[key]))
+        if self.follows is not None:
+            name, folder = form.get("output.name"), form.get("output.dir")
+            updates[self.follows] = isinstance(name, str) and folder == name_folder(name)
         return updates
 
     def load_file(self, path: Path, label: str) -> tuple[dict, str]:
@@ -137,7 +148,7 @@ class Widgets:
     file_status: gr.Markdown
     cli: gr.Code
     saved_path: gr.State  # the last saved file, for the CLI command
-    auto_dir: gr.State  # output.dir while it still follows output.name
+    follows: gr.Checkbox  # hidden: whether output.dir still follows output.name
     plan_button: gr.Button
     plan: gr.Markdown  # the traced memory plan, made on request (it takes seconds to a minute)
 
@@ -198,8 +209,10 @@ def layout(workspace: Workspace, gpu: GpuInfo | None, tier: str, initial: dict[s
                        buttons=["copy"])
     widgets = Widgets(tier_radio, apply_btn, preset_md, changes_md, applied_md, validate_md, upload,
                       saved_dd, load_btn, refresh_btn, save_name, overwrite, save_btn, file_md, cli_code,
-                      gr.State(None), gr.State(initial["output.dir"]), plan_btn, plan_md)
-    return ConfigTab(components, workspace), widgets
+                      gr.State(None),
+                      gr.Checkbox(initial["output.dir"] == name_folder(initial["output.name"]), visible="hidden",
+                                  elem_id="lg-output-follows-name"), plan_btn, plan_md)
+    return ConfigTab(components, workspace, widgets.follows), widgets
 
 
 class Handlers:
@@ -207,6 +220,7 @@ class Handlers:
 
     def __init__(self, tab: ConfigTab, widgets: Widgets, gpu: GpuInfo | None) -> None:
         self.tab, self.w, self.gpu = tab, widgets, gpu
+        self.dataset_folder: gr.Textbox | None = None  # the Dataset tab's folder, restored with the draft
         self.matmul_tflops: float | None = None  # the GPU's measured speed, on the first plan
         self.workspace = tab.workspace
         self.c = tab.components
@@ -225,10 +239,33 @@ class Handlers:
                                   "terminal that runs the app; please report them.", symbol="❌")(self.plan)
 
     def refresh(self, values: dict):
-        texts = panel_texts(self.tab.form_values(values), values.get(self.w.tier), values.get(self.w.saved_path),
-                            self.workspace, self.gpu)
+        """The panels around the form; the form is kept as the draft a page load shows again."""
+        form = self.tab.form_values(values)
+        save_draft(self.workspace, form, values.get(self.w.tier))
+        texts = panel_texts(form, values.get(self.w.tier), values.get(self.w.saved_path), self.workspace, self.gpu)
         panels = self.w.panels()
         return {panels[name]: text for name, text in texts.items()}
+
+    def restore(self):
+        """On a page load: the form as it was last edited (``ui/draft.py``), and the saved configs there are now."""
+        updates = {component: gr.skip() for component in self.tab.outputs()}
+        updates |= {self.w.tier: gr.skip(), self.w.saved: gr.update(choices=P.list_saved_configs(self.workspace))}
+        if self.dataset_folder is not None:
+            updates[self.dataset_folder] = gr.skip()
+        draft = load_draft(self.workspace, set(self.c))
+        if draft is None:
+            return updates
+        form, tier = draft
+        try:
+            updates |= self.fill({**self.tab.form_values({c: c.value for c in self.c.values()}), **form})
+        except Exception:  # a draft this version cannot show: start from the defaults, keep the file
+            log.exception("The Config tab's draft could not be shown")
+            return updates
+        if tier in P.TIER_LABELS:
+            updates[self.w.tier] = tier
+        if self.dataset_folder is not None and isinstance(form.get("dataset.dir"), str):
+            updates[self.dataset_folder] = form["dataset.dir"]
+        return updates
 
     def fill(self, form: dict[str, Any]) -> dict:
         return self.tab.fill(form)
@@ -250,16 +287,6 @@ class Handlers:
         if form.get("lora.targets") not in forms.target_choices(family):
             form["lora.targets"] = "auto"
         return {**self.fill(form), self.w.applied: note}
-
-    def follow_name(self, name: Any, out_dir: Any, auto: Any):
-        """output.dir follows output.name until the user edits output.dir by hand; then both stay as they are.
-
-        Every output gets a value (gr.skip() leaves one unchanged): Gradio 6 refuses a reply that
-        leaves outputs out."""
-        if not isinstance(name, str) or out_dir not in ("", auto):
-            return {self.c["output.dir"]: gr.skip(), self.w.auto_dir: gr.skip()}
-        new_dir = f"outputs/{safe_folder_name(name, 'my-lora')}"
-        return {self.c["output.dir"]: new_dir, self.w.auto_dir: new_dir}
 
     def load_path(self, path: Path, label: str) -> dict:
         updates, message = self.tab.load_file(path, label)
@@ -300,6 +327,7 @@ class Handlers:
         return {self.w.plan: P.plan_text(plan, self.gpu, self.matmul_tflops, advice)}
 
     def wire(self, dataset_folder: gr.Textbox | None) -> None:
+        self.dataset_folder = dataset_folder
         w, c, form = self.w, self.c, self.tab.inputs()
         panel_inputs, panels = form | {w.tier, w.saved_path}, list(w.panels().values())
         then = dict(fn=self.refresh, inputs=panel_inputs, outputs=panels, show_progress="hidden",
@@ -307,13 +335,14 @@ class Handlers:
         chained = {c["model.family"], c["output.name"]}
         gr.on([x.input for x in form if x not in chained] + [w.tier.change], self.refresh, panel_inputs, panels,
               trigger_mode="always_last", show_progress="hidden", api_name="config_refresh")
-        filled = list(c.values())
+        filled = self.tab.outputs()
         w.apply.click(self.apply, form | {w.tier}, filled + [w.applied], api_name="config_apply_preset").then(**then)
         c["model.family"].input(self.change_family, form, filled + [w.validate, w.applied],
                                 api_name="config_change_family").then(**then)
-        c["output.name"].input(self.follow_name, [c["output.name"], c["output.dir"], w.auto_dir],
-                               [c["output.dir"], w.auto_dir], api_name="config_follow_name",
-                               trigger_mode="always_last").then(**then)
+        # In the page itself: a round trip per keystroke would answer with the folder of an earlier keystroke.
+        c["output.name"].input(None, [c["output.name"], c["output.dir"], w.follows], [c["output.dir"], w.follows],
+                               js=FOLLOW_NAME_JS, trigger_mode="multiple").then(**then)
+        c["output.dir"].input(None, c["output.dir"], w.follows, js="(folder) => folder === ''", trigger_mode="multiple")
         w.upload.upload(self.load_upload, w.upload, filled + [w.file_status]).then(**then)
         w.load.click(self.load_saved, w.saved, filled + [w.file_status], api_name="config_load_saved").then(**then)
         w.plan_button.click(self.plan, form, w.plan, api_name="config_plan")
@@ -323,6 +352,21 @@ class Handlers:
         if dataset_folder is not None:
             dataset_folder.change(lambda folder: show_folder(folder, self.workspace), dataset_folder,
                                   c["dataset.dir"]).then(**then)
+        if Context.root_block is not None:
+            restored = [*filled, w.tier, w.saved, *([dataset_folder] if dataset_folder is not None else [])]
+            Context.root_block.load(self.restore, None, restored, api_visibility="undocumented").then(**then)
+
+
+def name_folder(name: str) -> str:
+    """The output folder that follows a LoRA name (FOLLOW_NAME_JS does the same in the page)."""
+    return f"outputs/{safe_folder_name(name, 'my-lora')}"
+
+
+FOLLOW_NAME_JS = """(name, folder, follows) => {
+  if (!follows) return [folder, follows];
+  const safe = String(name ?? "").trim().replace(/[^A-Za-z0-9._-]+/g, "-").replace(/^[.-]+|[.-]+$/g, "").slice(0, 80);
+  return ["outputs/" + (safe || "my-lora"), follows];
+}"""
 
 
 def base_belongs_elsewhere(base: Any, family: str) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 from gradio.components.base import server
+from gradio.context import Context
 from gradio.exceptions import InvalidPathError
 
 from lora_gui.ui import dataset_view as V
@@ -152,6 +153,8 @@ def build(session: AppSession, panel: gr.Tab | None = None) -> DatasetTab:
         panel.select(guard(on_reopen), [folder, shown], everything, api_name="dataset_reopen")
     explorer.input(guard(on_browse), explorer, everything, api_name="dataset_browse")
     refresh.click(lambda: _choices(workspace), None, existing, api_name="dataset_refresh")
+    if Context.root_block is not None:  # a page load lists the datasets there are now
+        Context.root_block.load(lambda: _choices(workspace), None, existing, api_visibility="undocumented")
     writes = dict(concurrency_id="dataset_write", concurrency_limit=1)
     sample.click(guard(on_sample), [trigger, resolution], everything, api_name="dataset_create_sample",
                  **writes)

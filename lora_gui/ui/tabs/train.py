@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import gradio as gr
+from gradio.context import Context
 
 from lora_gui.config import ConfigError, TrainingConfig
 from lora_gui.engine.checkpoint import checkpoint_step, list_checkpoints
@@ -361,10 +362,12 @@ def build(session, config_tab) -> list[JsonRoute]:
     then_poll(buttons["start"].click(on_start, config_inputs | {overwrite}, message, api_name="train_start"))
     then_poll(buttons["resume_checkpoint"].click(on_resume, config_inputs | {run_picker, checkpoint}, message,
                                                  api_name="train_resume"))
-    run_picker.input(on_pick, run_picker, [*config_tab.components.values(), checkpoint, message],
-                     api_name="train_pick_run")
+    run_picker.input(on_pick, run_picker, [*config_tab.outputs(), checkpoint, message], api_name="train_pick_run")
     for action in ("pause", "continue", "stop", "sample", "save"):
         then_poll(buttons[action].click(lambda action=action: control(session, action), None, message,
                                         api_name=f"train_{action}"))
     refresh.click(on_refresh, run_picker, [run_picker, checkpoint], api_name="train_checkpoints")
+    if Context.root_block is not None:  # a page load lists the runs there are now, the live one chosen
+        Context.root_block.load(lambda: on_refresh(None), None, [run_picker, checkpoint],
+                                api_visibility="undocumented")
     return [poll_route]
