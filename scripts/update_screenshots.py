@@ -9,6 +9,7 @@ step), then stores a compact copy of each tab's screenshot in docs/screenshots/.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,8 +25,20 @@ WIDTH = 1100
 
 
 def main() -> int:
+    # The page's header shows the workspace: one that reads as ~/lora-gui-demo/workspace, made and removed here.
+    demo = Path.home() / "lora-gui-demo"
+    if demo.exists():
+        print(f"{demo} exists; move it away first (the screenshots use that folder and delete it).", file=sys.stderr)
+        return 1
+    try:
+        return shoot(demo / "workspace")
+    finally:
+        shutil.rmtree(demo, ignore_errors=True)
+
+
+def shoot(workspace: Path) -> int:
     with tempfile.TemporaryDirectory() as folder:
-        env = {**os.environ, "LORA_GUI_TEST_ARTIFACTS": folder}
+        env = {**os.environ, "LORA_GUI_TEST_ARTIFACTS": folder, "LORA_GUI_E2E_WORKSPACE": str(workspace)}
         test = [sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_e2e_browser.py")]
         if subprocess.run(test, cwd=ROOT, env=env).returncode != 0:
             print("The browser test failed; screenshots were not updated.", file=sys.stderr)

@@ -58,7 +58,8 @@ def set_number(page, label: str, value: int) -> None:
 def test_sample_dataset_to_comparison_grid_in_a_browser(tmp_path):
     expect = playwright.expect
     shots = artifacts_dir()
-    workspace = tmp_path / "workspace"
+    # scripts/update_screenshots.py names a workspace whose path reads well in the page's header
+    workspace = Path(os.environ.get("LORA_GUI_E2E_WORKSPACE") or tmp_path / "workspace")
     log = tmp_path / "app.log"
     with running_app(workspace, log) as url, playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)

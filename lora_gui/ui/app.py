@@ -32,7 +32,7 @@ def build_app(session: AppSession, notice: str | None = None):
 
     with AppBlocks(title=TITLE) as app:
         gr.Markdown(f"# {TITLE}\nTrain LoRA adapters for {family_labels()}. "
-                    f"Workspace: `{session.workspace.root}`")
+                    f"Workspace: `{shown_path(session.workspace.root)}`")
         if notice:
             gr.Markdown(notice, elem_id="launch-notice", elem_classes="lg-error")
         with gr.Tabs():
@@ -48,6 +48,14 @@ def build_app(session: AppSession, notice: str | None = None):
                 test.build(session, config_tab)
         build_about()
     return app
+
+
+def shown_path(path: Path) -> str:
+    """A folder as the header shows it: under the home folder as ``~/...``."""
+    try:
+        return f"~/{path.relative_to(Path.home())}"
+    except (ValueError, RuntimeError):
+        return str(path)
 
 
 def build_about() -> None:
