@@ -92,3 +92,21 @@ def test_about_panel_names_the_versions(tmp_path):
         assert re.search(rf"^{name} \S", about, re.MULTILINE), f"{name} missing from the About panel"
     assert f"transformers {installed_version('transformers')}" in about
     assert values["version-footer"].startswith(f"lora-gui {installed_version('lora-gui')} · torch ")
+
+
+def test_a_busy_port_is_named_with_the_option_to_change_it(tmp_path):
+    import socket
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, str(root / "app.py"), "--port", str(port), "--no-browser",
+                               "--workspace", str(tmp_path / "ws")], capture_output=True, text=True, timeout=120,
+                              cwd=root)
+    assert done.returncode == 1
+    assert f"port {port} is in use" in done.stderr and f"--port {port + 1}" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout and "GRADIO_SERVER_PORT" not in done.stderr

@@ -219,3 +219,15 @@ def test_tab_through_a_real_server(workspace, tmp_path):
         assert result[6].startswith("Click **Check dataset**") and result[8]["data"] == []
     finally:
         demo.close()
+
+
+def test_a_typed_path_under_datasets_is_not_looked_up_twice(tmp_path):
+    from lora_gui.ui import dataset_view as V
+    from lora_gui.ui.workspace import Workspace
+
+    workspace = Workspace.create(tmp_path / "ws")
+    (workspace.datasets / "cats").mkdir()
+    assert V.resolve_dataset(workspace, "cats") == workspace.datasets / "cats"
+    assert V.resolve_dataset(workspace, "datasets/cats") == workspace.datasets / "cats"
+    with pytest.raises(V.DatasetViewError, match=r"^datasets/does-not-exist is not a folder"):
+        V.resolve_dataset(workspace, "datasets/does-not-exist")

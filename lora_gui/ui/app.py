@@ -113,14 +113,46 @@ def main(argv: list[str] | None = None) -> int:
     warning = open_access_warning(args, auth)
     if warning:
         print(warning.replace("**", "").replace("`", "'"), file=sys.stderr, flush=True)
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    if port_taken(host, args.port):  # said at once, before the app is built
+        print(port_taken_message(args.port), file=sys.stderr)
+        return 1
     workspace = Workspace.create(Path(args.workspace))
     session = AppSession(workspace=workspace)
     app = build_app(session, notice=warning)
     if args.share and not args.auth:
         print(f"Share link protection: user '{auth[0]}', password '{auth[1]}'", flush=True)
-    import gradio as gr
 
     app.queue(default_concurrency_limit=4)
+    try:
+        launch(app, args, auth, workspace)
+    except OSError as exc:
+        if "port" not in str(exc).lower():
+            raise
+        print(port_taken_message(args.port), file=sys.stderr)
+        return 1
+    return 0
+
+
+def port_taken(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def port_taken_message(port: int) -> str:
+    return (f"error: port {port} is in use (is the app already running? then open http://127.0.0.1:{port}). "
+            f"To start another one, pick a free port: lora-gui --port {port + 1}")
+
+
+def launch(app, args: argparse.Namespace, auth: tuple[str, str] | None, workspace: Workspace) -> None:
+    import gradio as gr
+
     app.launch(
         server_name="0.0.0.0" if args.listen else "127.0.0.1",
         server_port=args.port,
@@ -133,4 +165,3 @@ def main(argv: list[str] | None = None) -> int:
         max_file_size=MAX_UPLOAD_BYTES,
         **login_options(LoginGuard(*auth) if auth else None),
     )
-    return 0

@@ -61,7 +61,8 @@ def resolve_dataset(workspace: Workspace, text: Any) -> Path:
         raise DatasetViewError(f"That folder name is not valid ({why}); pick a folder from the list.")
     try:
         path = workspace.resolve(text)
-        if not path.exists() and not Path(text.strip()).is_absolute():
+        typed = Path(text.strip())
+        if not path.exists() and not typed.is_absolute() and typed.parts[:1] not in (("datasets",), ("outputs",)):
             path = workspace.resolve(text, under=workspace.datasets)  # "sample" means datasets/sample
         is_folder = path.is_dir()
     except OutsideWorkspace as exc:
