@@ -93,3 +93,22 @@ def test_jobs_run_on_the_training_thread_with_the_model_in_memory(tmp_path):
     assert runner.wait(timeout=120)
     with pytest.raises(RuntimeError, match="No training run"):
         runner.submit(lambda family, components: None)
+
+
+def test_a_resume_shows_its_step_at_once_and_sampling_does_not_linger(tmp_path):
+    from lora_gui.engine.checkpoint import list_checkpoints
+    from lora_gui.engine.train import train
+
+    dataset = make_dataset(tmp_path / "images")
+    first = tiny_config("sd15", dataset, tmp_path / "out", "train.max_steps=2", "output.save_every=1")
+    train(first)
+    checkpoint = list_checkpoints(tmp_path / "out")[0]
+    runner = TrainingRunner()
+    resumed = tiny_config("sd15", dataset, tmp_path / "out", "train.max_steps=3", "sample.every=1")
+    runner.start(resumed, resume_from=checkpoint)
+    started = runner.snapshot()
+    assert started.step == 1 and started.status == "Resuming from step 1"  # not "step 0 / 3" while it loads
+    wait_for(lambda: not runner.is_active)
+    finished = runner.snapshot()
+    assert finished.state == "finished" and finished.samples
+    assert any("Validation images of step 2 saved" in line for line in finished.log)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_gui.config import TrainingConfig
+from lora_gui.engine.checkpoint import checkpoint_step
 from lora_gui.events import (
     CheckpointSaved,
     Controls,
@@ -67,7 +68,9 @@ class TrainingRunner:
             if self.is_active:
                 raise RunAlreadyActive("A training run is already in progress; stop it before starting another.")
             self._controls = Controls()
-            self._snapshot = RunSnapshot(state="running", max_steps=config.train.max_steps, status="Starting")
+            step = checkpoint_step(Path(resume_from)) if resume_from is not None else None
+            self._snapshot = RunSnapshot(state="running", max_steps=config.train.max_steps, step=step or 0,
+                                         status=f"Resuming from step {step}" if step else "Starting")
             self.output_dir = Path(config.output.dir)
             self._thread = threading.Thread(
                 target=self._run, args=(config, resume_from, overwrite), name="lora-gui-training", daemon=True

@@ -653,6 +653,7 @@ class TrainingRun:
                         encoded=self.sample_prompts, between_steps=self.check_stop)
         paths = save_images(images, self.output_dir / "samples" / f"step-{self.step:06d}")
         self.emit(SamplesReady(step=self.step, paths=tuple(paths), prompts=settings.prompts))
+        self.status(f"Validation images of step {self.step} saved")  # replaces "Sampling n/n"
 
     def finish(self) -> TrainResult:
         kohya_path, diffusers_path = self.write_lora(self.output_dir / f"{self.config.output.name}.safetensors")
