@@ -100,7 +100,7 @@ def test_a_resume_shows_its_step_at_once_and_sampling_does_not_linger(tmp_path):
     from lora_gui.engine.train import train
 
     dataset = make_dataset(tmp_path / "images")
-    first = tiny_config("sd15", dataset, tmp_path / "out", "train.max_steps=2", "output.save_every=1")
+    first = tiny_config("sd15", dataset, tmp_path / "out", "train.max_steps=2", "output.save_every=1", "sample.every=1")
     train(first)
     checkpoint = list_checkpoints(tmp_path / "out")[0]
     runner = TrainingRunner()
@@ -108,7 +108,10 @@ def test_a_resume_shows_its_step_at_once_and_sampling_does_not_linger(tmp_path):
     runner.start(resumed, resume_from=checkpoint)
     started = runner.snapshot()
     assert started.step == 1 and started.status == "Resuming from step 1"  # not "step 0 / 3" while it loads
+    assert [step for step, _, _ in started.losses] == [1]  # the plot starts with the run's first part
+    assert [event.step for event in started.samples] == [1]  # so does the gallery (step 2 was abandoned)
+    assert started.samples[0].prompts == ("sks, a red square",)
     wait_for(lambda: not runner.is_active)
     finished = runner.snapshot()
-    assert finished.state == "finished" and finished.samples
+    assert finished.state == "finished" and [step for step, _, _ in finished.losses] == [1, 2, 3]
     assert any("Validation images of step 2 saved" in line for line in finished.log)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lora_gui.config import TrainingConfig
 from lora_gui.engine.checkpoint import checkpoint_step
+from lora_gui.engine.run_history import earlier_losses, earlier_samples
 from lora_gui.events import (
     CheckpointSaved,
     Controls,
@@ -71,6 +72,10 @@ class TrainingRunner:
             step = checkpoint_step(Path(resume_from)) if resume_from is not None else None
             self._snapshot = RunSnapshot(state="running", max_steps=config.train.max_steps, step=step or 0,
                                          status=f"Resuming from step {step}" if step else "Starting")
+            if step:  # the plots and the gallery show the whole run, the part before the checkpoint too
+                prompts = tuple(prompt for prompt in config.sample.prompts if prompt.strip())
+                self._snapshot.losses = earlier_losses(Path(config.output.dir), step)
+                self._snapshot.samples = earlier_samples(Path(config.output.dir), step, prompts)
             self.output_dir = Path(config.output.dir)
             self._thread = threading.Thread(
                 target=self._run, args=(config, resume_from, overwrite), name="lora-gui-training", daemon=True
