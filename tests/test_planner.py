@@ -102,8 +102,8 @@ def test_the_config_tab_shows_the_plan_and_the_verdict(tmp_path):
 
     plan = plan_memory(tiny_config(tmp_path))
     fits = presets.plan_text(plan, GpuInfo("NVIDIA GeForce RTX 4090", 23.6))
-    assert "✅" in fits and "fits a 23.6 GB card" in fits and "weights" in fits
-    assert "❌" in presets.plan_text(plan, GpuInfo("a tiny card", 0.5))
+    assert "✓" in fits and "fits a 23.6 GB card" in fits and "weights" in fits
+    assert "✗" in presets.plan_text(plan, GpuInfo("a tiny card", 0.5))
     assert "TFLOP (traced)" in fits and "run the plan on the GPU itself" in fits
     timed = presets.plan_text(plan, GpuInfo("NVIDIA GeForce RTX 4090", 23.6), matmul_tflops=100.0)
     assert f"at least {plan.step_flops / 100e12:.2f} s per step" in timed

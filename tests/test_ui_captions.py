@@ -63,7 +63,7 @@ def test_template_captioning_writes_the_trigger_once_and_skips_existing(session,
         (dataset / f"img{index}.txt").unlink()
     events = []
     message = V.CaptionJob(session).run(FOLDER, form(), events.append, poll=0.01)
-    assert message.startswith("✅ Wrote 3 caption(s) for 6 image(s); left 3 existing caption(s)")
+    assert message.startswith("✓ Wrote 3 caption(s) for 6 image(s); left 3 existing caption(s)")
     texts = captions(dataset)
     assert [texts[f"img{i}"] for i in range(3)] == ["photo of sks"] * 3  # "{trigger}" already holds it: not added
     assert texts["img3"] == "sks, a yellow triangle"  # skip-existing left it alone
@@ -78,7 +78,7 @@ def test_real_captioner_through_the_handler(session, dataset, workspace):
     build_tiny_blip(workspace.root / "models" / "tiny-blip")
     message = V.CaptionJob(session).run(FOLDER, form(captioner="blip", model="models/tiny-blip", mode="overwrite",
                                                      batch_size=4, max_length=60))
-    assert message.startswith("✅ Wrote 6 caption(s)"), message
+    assert message.startswith("✓ Wrote 6 caption(s)"), message
     for text in captions(dataset).values():
         assert text.startswith("sks, ") and text.count("sks") == 1 and len(text) <= 60
 
@@ -128,7 +128,7 @@ def test_busy_lock_and_training_refusals(session, dataset):
     session.runner = SimpleNamespace(is_active=True)
     with pytest.raises(CaptionsError, match="training run is using the GPU"):
         job.run(FOLDER, form(captioner="blip"))
-    assert job.run(FOLDER, form(mode="overwrite")).startswith("✅")  # the template needs no GPU
+    assert job.run(FOLDER, form(mode="overwrite")).startswith("✓")  # the template needs no GPU
     with pytest.raises(CaptionsError, match="not under datasets"):
         job.run("configs", form())
 
@@ -168,7 +168,7 @@ def test_editor_saves_edits_atomically_and_refuses_stale_ones(dataset):
     edits = E.table_edits(rows, loaded)
     assert set(edits) == {"img0.png", "img1.png", "img5.png"}
     result = E.save_edits(dataset, edits, loaded)
-    assert result.message().startswith("✅ Saved 2 caption(s).") and "`img1.png` changed on disk" in result.message()
+    assert result.message().startswith("✓ Saved 2 caption(s).") and "`img1.png` changed on disk" in result.message()
     rows, loaded = E.merge_saved(rows, loaded, result)
     assert rows[0] == ["img0.png", "sks, a red square"] and rows[1] == ["img1.png", "my edit"]  # kept, unsaved
     assert loaded["img0.png"] == "sks, a red square" and loaded["img1.png"] == "sks, a blue circle"
@@ -225,10 +225,10 @@ def test_bulk_preview_apply_undo(dataset):
     rows, message = B.preview_rows(pending)
     assert rows[0] == ["img0.txt", "sks, a red square on white", "ohwx, a red square on white"]
     assert "changes 6 caption file(s)" in message and captions(dataset) == before  # nothing written
-    assert B.apply_bulk(pending, dataset).startswith("✅ Applied `replace 'sks' with 'ohwx'` to 6")
+    assert B.apply_bulk(pending, dataset).startswith("✓ Applied `replace 'sks' with 'ohwx'` to 6")
     assert captions(dataset)["img1"] == "ohwx, a blue circle"
     assert "Last bulk edit here" in B.last_edit_note(dataset)
-    assert B.undo_bulk(dataset) == "↩️ Undid `replace 'sks' with 'ohwx'`: restored 6 caption file(s)."
+    assert B.undo_bulk(dataset) == "↩ Undid `replace 'sks' with 'ohwx'`: restored 6 caption file(s)."
     assert captions(dataset) == before and B.last_edit_note(dataset).startswith("No bulk edit")
     with pytest.raises(CaptionsError, match="Nothing to undo"):
         B.undo_bulk(dataset)
@@ -281,7 +281,7 @@ def test_tab_through_a_real_server(session, dataset, workspace):
         (dataset / "img2.txt").unlink()
         result = client.predict(FOLDER, "template", "", "{trigger}, {folder}", 0.35, "sks", "", "", "skip_existing",
                                 0, 0, api_name="/captions_run")
-        assert result[-1].startswith("✅ Wrote 1 caption(s)") and read_caption(dataset / "img2.txt") == "sks, shapes"
+        assert result[-1].startswith("✓ Wrote 1 caption(s)") and read_caption(dataset / "img2.txt") == "sks, shapes"
         preview = client.predict(FOLDER, "sks", "replace", "sks", "ohwx", False, True, "", "end",
                                  api_name="/captions_bulk_preview")
         assert len(preview[0]["data"]) == 6 and read_caption(dataset / "img0.txt").startswith("sks")
@@ -289,10 +289,10 @@ def test_tab_through_a_real_server(session, dataset, workspace):
         assert "Applied" in applied[3] and read_caption(dataset / "img0.txt").startswith("ohwx")
         table = {"headers": ["File", "Caption"], "data": [["img1.png", "ohwx, edited"]]}
         saved = client.predict(FOLDER, table, api_name="/captions_save")
-        assert saved[1] == "✅ Saved 1 caption(s)." and read_caption(dataset / "img1.txt") == "ohwx, edited"
+        assert saved[1] == "✓ Saved 1 caption(s)." and read_caption(dataset / "img1.txt") == "ohwx, edited"
         forged = {"headers": ["File", "Caption"], "data": [["../../configs/x.png", "x"]]}
         assert "not in the table as loaded" in client.predict(FOLDER, forged, api_name="/captions_save")[1]
         result = client.predict("../..", api_name="/captions_load")
-        assert result[1].startswith("⚠️") and "outside the workspace" in result[1]
+        assert result[1].startswith("⚠") and "outside the workspace" in result[1]
     finally:
         demo.close()

@@ -73,14 +73,14 @@ def test_report_lists_each_problem_next_to_its_file(workspace):
     rows = V.report_rows(report)
     assert [row[0] for row in rows] == ["broken.png", "nocap.png", "notrig.png", "good.png"]  # errors first
     by_file = {row[0]: row for row in rows}
-    assert by_file["broken.png"][1] == "❌ error" and "empty_file" in by_file["broken.png"][4]
+    assert by_file["broken.png"][1] == "✗ error" and "empty_file" in by_file["broken.png"][4]
     assert "caption_missing" in by_file["nocap.png"][4] and "trigger_missing" not in by_file["nocap.png"][4]
-    assert "trigger_missing" in by_file["notrig.png"][4] and by_file["notrig.png"][1] == "⚠️ warning"
-    assert by_file["good.png"][1:] == ["✅ ok", "96x64", "64x64", ""]
+    assert "trigger_missing" in by_file["notrig.png"][4] and by_file["notrig.png"][1] == "⚠ warning"
+    assert by_file["good.png"][1:] == ["✓ ok", "96x64", "64x64", ""]
     assert len(V.report_rows(report, limit=2)) == 2
 
     text = V.summary_markdown(report)
-    assert text.startswith("### ✅ Ready to train: 3 of 4 images")
+    assert text.startswith("### ✓ Ready to train: 3 of 4 images")
     assert "**Images:** 4: 1 ok, 2 with warnings, 1 with errors" in text
     assert "**Trigger 'sks':** in 1 of 3 usable images \\(33%\\)" in text
     assert "**Buckets at resolution 64:** 64x64: 3" in text
@@ -88,7 +88,7 @@ def test_report_lists_each_problem_next_to_its_file(workspace):
     assert V.bucket_rows(report) == [{"bucket": "1.00 · 64x64", "images": 3}]
     (workspace.datasets / "none").mkdir()
     empty = V.summary_markdown(check_dataset(workspace.datasets / "none"))
-    assert empty.startswith("### ❌ Not ready") and "No images found" in empty
+    assert empty.startswith("### ✗ Not ready") and "No images found" in empty
 
 
 def test_gallery_shows_captions_and_placeholders(workspace, monkeypatch):
@@ -102,9 +102,9 @@ def test_gallery_shows_captions_and_placeholders(workspace, monkeypatch):
     assert max(items[1][0].size) <= V.THUMB_SIDE
     report = check_dataset(folder, trigger="sks", resolution=64)
     checked, _ = V.gallery_items(folder, cache, report, progress=lambda done, total: None)
-    assert checked[0][1] == "❌ broken.png: (no caption)" and checked[1][0] is items[1][0]  # cached thumbnail
+    assert checked[0][1] == "✗ broken.png: (no caption)" and checked[1][0] is items[1][0]  # cached thumbnail
     small = check_dataset(folder, resolution=512)  # every image too small: an error, its caption still shown
-    assert V.gallery_items(folder, cache, small)[0][1][1] == "❌ good.png: sks, a red thing"
+    assert V.gallery_items(folder, cache, small)[0][1][1] == "✗ good.png: sks, a red thing"
     monkeypatch.setattr(V, "MAX_GALLERY", 2)
     assert V.gallery_items(folder, cache)[1] == "4 image(s) (the first 2 of 4)."
 
@@ -198,14 +198,14 @@ def test_tab_through_a_real_server(workspace, tmp_path):
             "", 512, api_name="/dataset_create_sample")
         assert folder == "datasets/sample" and trigger == "sks" and choices["value"] == "datasets/sample"
         assert "Created the sample dataset" in message and len(gallery) == 12
-        assert gallery[0]["caption"] == "✅ shape-01.png: sks, an orange circle on a teal background"
-        assert summary.startswith("### ✅ Ready to train: 12 of 12") and len(table["data"]) == 12
+        assert gallery[0]["caption"] == "✓ shape-01.png: sks, an orange circle on a teal background"
+        assert summary.startswith("### ✓ Ready to train: 12 of 12") and len(table["data"]) == 12
         assert plot["data"] == [["0.78 · 448x576", 4], ["1.00 · 512x512", 4], ["1.29 · 576x448", 4]]
 
         result = client.predict("datasets/sample", "sks", 64, api_name="/dataset_check")
         assert "64x64: 12" in result[6]
         result = client.predict("../../etc", "sks", 512, api_name="/dataset_check")
-        assert result[4].startswith("⚠️") and "outside the workspace" in result[4]
+        assert result[4].startswith("⚠") and "outside the workspace" in result[4]
         result = client.predict("datasets/sample", "sks", 99999, api_name="/dataset_check")  # ours, not a toast
         assert "Resolution must be a whole number from 64 to 4096" in result[4]
 

@@ -73,7 +73,7 @@ def test_lora_choices_and_request_checks(tmp_path):
         with pytest.raises(ComparisonError, match=problem):
             comparison.build_request(session, *{**good, **change}.values())
     image, path, message = test_tab.render(session, {**good, "run": "/"})
-    assert image is None and message.startswith("⚠️")
+    assert image is None and message.startswith("⚠")
 
 
 def adapter_facts(family, components):

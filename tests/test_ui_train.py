@@ -162,7 +162,7 @@ def test_next_preset_down_and_the_out_of_memory_message():
     assert run_view.next_preset_down("sdxl", 12.0) == "sdxl-8gb"  # the real presets folder
     oom = Failed(message="The GPU ran out of memory.", hint="Pick a smaller preset.", details="Traceback ...")
     text = run_view.error_markdown(oom, "sd15", 23.6, presets)
-    assert "⚠️ The GPU ran out of memory." in text and "`sd15-16gb`" in text and "Traceback" not in text
+    assert "⚠ The GPU ran out of memory." in text and "`sd15-16gb`" in text and "Traceback" not in text
     other = run_view.error_markdown(Failed(message="dataset.dir is empty.", hint="Set it."), "sd15", 24.0)
     assert "Set it." in other and "preset" not in other
 
@@ -182,7 +182,7 @@ def test_view_keys_change_only_with_content():
 def test_start_refusals_say_what_to_do(tmp_path):
     session, tab = make_workspace(tmp_path)
     bad = train.start_run(session, tab, form_values(tab, train__max_steps=0))
-    assert bad.startswith("⚠️") and "train.max_steps" in bad and "Config tab" in bad
+    assert bad.startswith("⚠") and "train.max_steps" in bad and "Config tab" in bad
     outside = train.start_run(session, tab, form_values(tab, output__dir=str(tmp_path / "elsewhere")))
     assert "outside the workspace" in outside
     escaped = train.start_run(session, tab, form_values(tab, output__dir="datasets/x"))
@@ -196,7 +196,7 @@ def test_start_refusals_say_what_to_do(tmp_path):
     assert "not a complete checkpoint" in train.resume_run(session, tab, form_values(tab), "outputs/run",
                                                            "outputs/run/../../x")
     assert "not a run folder under outputs" in train.resume_run(session, tab, form_values(tab), "datasets", "x")
-    assert train.control(session, "pause").startswith("⚠️ Pause is not possible while the run is idle")
+    assert train.control(session, "pause").startswith("⚠ Pause is not possible while the run is idle")
     status, memory, *triggers = train.poll(session)
     assert "Idle" in status and memory.startswith("GPU memory") and len(triggers) == len(run_view.GROUPS)
     assert train.poll(session) == [status, memory, *triggers]  # nothing changed: the browser fetches nothing more
@@ -318,6 +318,6 @@ def test_gradio_server_smoke(tmp_path):
         error, details, *_, timer = client.predict(api_name="/train_controls")  # no accordion, no buttons
         assert error["visible"] and "The GPU ran out of memory." in error["value"] and details == "Traceback: OOM"
         assert timer["value"] == train.IDLE_POLL_S  # no run active: the timer slows down
-        assert client.predict(api_name="/train_pause").startswith("⚠️")
+        assert client.predict(api_name="/train_pause").startswith("⚠")
     finally:
         app.close()

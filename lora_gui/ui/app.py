@@ -101,7 +101,7 @@ def open_access_warning(args: argparse.Namespace, auth: tuple[str, str] | None) 
     """The warning for ``--listen`` without a password (Markdown), or None."""
     if not args.listen or auth is not None:
         return None
-    return ("⚠️ **No password is set, and the app accepts connections from other machines (--listen).** "
+    return ("⚠ **No password is set, and the app accepts connections from other machines (--listen).** "
             f"Anyone who can reach this computer on port {args.port} can use it: see and change your datasets, "
             "captions and configs, and start training. To require a password, restart with "
             "`--auth user:pass`, for example `lora-gui --listen --auth me:a-long-password`.")

@@ -80,7 +80,7 @@ def apply_bulk(pending: Any, root: Path) -> str:
         record = bulk.apply_changes(list(pending.changes), root, pending.description)
     except BulkEditError as exc:
         raise CaptionsError(str(exc)) from None
-    return (f"✅ Applied {md_code(record.description)} to {record.files} caption file(s). **Undo last bulk edit** "
+    return (f"✓ Applied {md_code(record.description)} to {record.files} caption file(s). **Undo last bulk edit** "
             "puts them back.")
 
 
@@ -89,14 +89,14 @@ def undo_bulk(root: Path) -> str:
         record = bulk.undo_last(root)
     except BulkEditError as exc:
         raise CaptionsError(str(exc)) from None
-    return f"↩️ Undid {md_code(record.description)}: restored {record.files} caption file(s)."
+    return f"↩ Undid {md_code(record.description)}: restored {record.files} caption file(s)."
 
 
 def last_edit_note(root: Path) -> str:
     try:
         record = bulk.last_edit(root)
     except BulkEditError as exc:
-        return f"⚠️ {exc}"
+        return f"⚠ {exc}"
     if record is None:
         return "No bulk edit to undo in this folder."
     return (f"Last bulk edit here: {md_code(record.description)} ({record.files} file(s)); **Undo last bulk edit** "

@@ -62,10 +62,10 @@ class SaveResult:
     conflicts: list[str] = field(default_factory=list)  # files changed on disk since they were loaded
 
     def message(self) -> str:
-        parts = [f"✅ Saved {len(self.saved)} caption(s)." if self.saved else "No caption was saved."]
+        parts = [f"✓ Saved {len(self.saved)} caption(s)." if self.saved else "No caption was saved."]
         if self.conflicts:
             names = ", ".join(md_code(name) for name in self.conflicts[:5])
-            parts.append(f"⚠️ {names} changed on disk since the table was loaded (captioning, a bulk edit or "
+            parts.append(f"⚠ {names} changed on disk since the table was loaded (captioning, a bulk edit or "
                          "another browser tab), so your edit was not saved. Reload shows the new text (and drops "
                          "your edit).")
         return " ".join(parts)

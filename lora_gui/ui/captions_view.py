@@ -260,10 +260,10 @@ def describe_event(event: Event) -> tuple[Any, str, str] | None:
 
 
 def summary_markdown(summary: CaptionSummary, root: Path) -> str:
-    icon = "⚠️" if summary.failed or summary.stopped else "✅"
+    icon = "⚠" if summary.failed or summary.stopped else "✓"
     lines = [f"{icon} {summary.describe()}"]
     if summary.images == 0:
-        lines = [f"⚠️ No images found in {md_code(root.name)}: add images on the Dataset tab first."]
+        lines = [f"⚠ No images found in {md_code(root.name)}: add images on the Dataset tab first."]
     for image, reason in summary.failed[:SHOWN_FAILURES]:
         lines.append(f"- {md_code(relative_name(image, root))}: {reason}")
     if len(summary.failed) > SHOWN_FAILURES:

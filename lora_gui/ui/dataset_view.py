@@ -37,7 +37,7 @@ MAX_IMAGE_BYTES = 200 * 1024**2
 MAX_CAPTION_BYTES = 1024**2
 MAX_FOLDER_TEXT = 1000  # characters in a typed or picked folder
 SHOWN_LINKS = 10  # links left out, named in a message
-ICONS = {ERROR: "❌", WARNING: "⚠️", INFO: "ℹ️", "ok": "✅"}
+ICONS = {ERROR: "✗", WARNING: "⚠", INFO: "ℹ", "ok": "✓"}
 TABLE_HEADERS = ["File", "Status", "Size", "Bucket", "Problems"]
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -104,7 +104,7 @@ def outside_note(folder: Path, confine: Path, where: str = "the workspace") -> s
         return ""
     names = ", ".join(md_code(clip(_relative(link.path, folder), 80)) for link in links[:SHOWN_LINKS])
     more = f" and {len(links) - SHOWN_LINKS} more" if len(links) > SHOWN_LINKS else ""
-    return (f"⚠️ Left out {len(links)} link(s) that lead outside {where}: {names}{more}. The app does not read, "
+    return (f"⚠ Left out {len(links)} link(s) that lead outside {where}: {names}{more}. The app does not read, "
             "show or write through such links, and leaves out any image whose file or caption is one of them. "
             "Copy the files into the folder if they belong to the dataset.")
 
@@ -376,7 +376,7 @@ def bucket_rows(report: DatasetReport) -> list[dict[str, Any]]:
 def summary_markdown(report: DatasetReport, limit: int = MAX_TABLE_ROWS) -> str:
     """The verdict and its reasons, then counts, sizes, captions, trigger coverage and buckets."""
     summary, counts = report.summary, report.summary["counts"]
-    blocks = [f"### {'✅' if report.ready else '❌'} {summary['verdict']}"]
+    blocks = [f"### {'✓' if report.ready else '✗'} {summary['verdict']}"]
     if summary["reasons"]:
         blocks.append("\n".join(f"- {md_escape(reason)}" for reason in summary["reasons"]))
     facts = [("Images", f"{summary['images']}: {counts['ok']} ok, {counts['warning']} with warnings, "

@@ -8,7 +8,7 @@ import logging
 log = logging.getLogger("lora_gui.ui")
 
 
-def message_guard(message, expected: tuple[type[Exception], ...], advice: str, symbol: str = "⚠️"):
+def message_guard(message, expected: tuple[type[Exception], ...], advice: str, symbol: str = "⚠"):
     """Decorator factory: exceptions of ``expected`` types show their text in ``message``; any other
     exception is logged and shown with ``advice``. Nothing else on the page changes."""
 

@@ -227,7 +227,7 @@ def plan_text(plan, gpu, matmul_tflops: float | None = None, advice: str | None 
     if gpu is None or not gpu.total_gib:
         return plan_hint(None)
     fits = plan.total_bytes <= gpu.total_gib * 1024**3
-    verdict = f"{'✅' if fits else '❌'} **{plan.verdict(gpu.total_gib)}** ({gpu.name})"
+    verdict = f"{'✓' if fits else '✗'} **{plan.verdict(gpu.total_gib)}** ({gpu.name})"
     lines = ["### Memory and time plan (traced)", verdict, ""]
     if advice:
         lines += [f"**{'To fit' if not fits else 'To fit with room to spare'}:** {advice}", ""]
@@ -243,7 +243,7 @@ def problems_text(message: str) -> str:
             continue
         key, sep, rest = line.removeprefix("- ").partition(": ")
         items.append(f"- `{key}`: {rest}" if sep and " " not in key else f"- {line.removeprefix('- ')}")
-    return "**Validation:** ❌ fix these before training:\n" + "\n".join(items)
+    return "**Validation:** ✗ fix these before training:\n" + "\n".join(items)
 
 
 def valid_text(config: TrainingConfig) -> str:
@@ -255,4 +255,4 @@ def valid_text(config: TrainingConfig) -> str:
     if not any(prompt.strip() for prompt in config.sample.prompts):
         warnings.append("`sample.prompts` is empty: no validation images will be rendered (add one prompt per "
                         "line to see the LoRA's progress).")
-    return "**Validation:** ✅ Config is valid." + "".join(f"\n- ⚠️ {w}" for w in warnings)
+    return "**Validation:** ✓ Config is valid." + "".join(f"\n- ⚠ {w}" for w in warnings)

@@ -208,7 +208,7 @@ def next_preset_down(family: str, vram_gib: float | None, presets: Sequence[str]
 def error_markdown(error, family: str | None = None, vram_gib: float | None = None,
                    presets: Sequence[str] | None = None) -> str:
     """The failure as a warning: what happened, what to do; the traceback goes elsewhere (folded)."""
-    lines = [f"### ⚠️ {error.message}"]
+    lines = [f"### ⚠ {error.message}"]
     if error.hint:
         lines.append(f"**What to do:** {error.hint}")
     if family and vram_gib is not None and is_out_of_memory(error):

@@ -69,8 +69,8 @@ class ConfigTab:
         if shown.get("model.family") == AUTO:
             detect_into(shown, self.workspace)
         outside = [k for k in forms.PATH_KEYS if isinstance(shown.get(k), str) and Path(shown[k]).is_absolute()]
-        note = f" ⚠️ Outside the workspace, fix before training: {', '.join(outside)}." if outside else ""
-        return self.fill(shown), f"✅ Loaded {label}.{note}"
+        note = f" ⚠ Outside the workspace, fix before training: {', '.join(outside)}." if outside else ""
+        return self.fill(shown), f"✓ Loaded {label}.{note}"
 
 
 def form_to_config(form: dict[str, Any], workspace: Workspace) -> TrainingConfig:
@@ -116,7 +116,7 @@ def panel_texts(form: dict[str, Any], tier: Any, saved: Any, workspace: Workspac
         texts["preset"] = P.preset_summary(name)
         texts["changes"] = P.changes_table(P.preset_changes(form, name), name)
     except ConfigError as exc:
-        texts["preset"], texts["changes"] = f"⚠️ {exc}", ""
+        texts["preset"], texts["changes"] = f"⚠ {exc}", ""
     try:
         config = form_to_config(form, workspace)
     except ConfigError as exc:
@@ -227,7 +227,7 @@ class Handlers:
         w = widgets
         def guarded(status):
             return message_guard(status, (ConfigError, OutsideWorkspace), "The details are in the terminal that "
-                                 "runs the app; please report them.", symbol="❌")
+                                 "runs the app; please report them.", symbol="✗")
 
         self.refresh = guarded(w.validate)(self.refresh)
         self.apply = guarded(w.applied)(self.apply)
@@ -236,7 +236,7 @@ class Handlers:
         self.load_saved = guarded(w.file_status)(self.load_saved)
         self.save = guarded(w.file_status)(self.save)
         self.plan = message_guard(w.plan, (ConfigError, OutsideWorkspace, PlanError), "The details are in the "
-                                  "terminal that runs the app; please report them.", symbol="❌")(self.plan)
+                                  "terminal that runs the app; please report them.", symbol="✗")(self.plan)
 
     def refresh(self, values: dict):
         """The panels around the form; the form is kept as the draft a page load shows again."""
@@ -306,9 +306,9 @@ class Handlers:
         try:
             config = self.tab.to_config(values)
         except ConfigError as exc:
-            return {self.w.file_status: f"❌ Not saved. {exc}"}
+            return {self.w.file_status: f"✗ Not saved. {exc}"}
         path = P.save_named_config(config, self.workspace, values.get(self.w.save_name), values.get(self.w.overwrite))
-        return {self.w.file_status: f"✅ Saved configs/{path.name}. Train it from a terminal with the command below.",
+        return {self.w.file_status: f"✓ Saved configs/{path.name}. Train it from a terminal with the command below.",
                 self.w.saved_path: str(path),
                 self.w.saved: gr.update(choices=P.list_saved_configs(self.workspace), value=path.name)}
 

@@ -135,7 +135,7 @@ def build(session: AppSession, panel: gr.Tab | None = None) -> DatasetTab:
         V.check_inputs(word, size)
         result = V.save_uploads(workspace, name, files, source_root=_upload_root())
         if not result.saved:
-            return {message: f"⚠️ {result.message(workspace)}"}
+            return {message: f"⚠ {result.message(workspace)}"}
         outputs = checked(result.folder, word, size, progress)
         return {**outputs, folder: workspace.relative(result.folder), uploads: None,
                 existing: _choices(workspace, result.folder), message: result.message(workspace)}

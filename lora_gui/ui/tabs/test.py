@@ -44,7 +44,7 @@ def load_run(session, run: str | None) -> dict:
         run_dir = comparison.resolve_run(session, run)
         config = comparison.run_config(run_dir)
     except ComparisonError as exc:
-        return {"choices": [(NO_LORA, NO_LORA)], "selected": [NO_LORA], "message": f"⚠️ {exc}", "defaults": {}}
+        return {"choices": [(NO_LORA, NO_LORA)], "selected": [NO_LORA], "message": f"⚠ {exc}", "defaults": {}}
     choices = comparison.lora_choices(run_dir)
     selected = [NO_LORA] + ([choices[-1].value] if len(choices) > 1 else [])
     note = "" if len(choices) > 1 else "This run has no checkpoints or final LoRA yet; only 'no LoRA' can be shown."
@@ -58,9 +58,9 @@ def render(session, form: dict, progress=None) -> tuple[object, str | None, str]
         request = comparison.build_request(session, *(form.get(name) for name in FIELDS))
         result = comparison.run_comparison(session, request, _reporter(progress))
     except (ComparisonError, ValueError) as exc:
-        return None, None, f"⚠️ {exc}"
+        return None, None, f"⚠ {exc}"
     except Exception as exc:  # the engine's own failures: say what happened, keep the app alive
-        return None, None, (f"⚠️ Rendering failed: {type(exc).__name__}: {exc}. Check the run's files and the "
+        return None, None, (f"⚠ Rendering failed: {type(exc).__name__}: {exc}. Check the run's files and the "
                             "settings above; if it keeps failing, restart the app.")
     where = session.workspace.relative(result.path)
     rows, columns = len(request.loras), len(request.scales)

@@ -85,7 +85,7 @@ def start_run(session, config_tab, values: dict, overwrite: bool = False) -> str
                                "checkpoints below, or tick Overwrite to train again from step 0 (deletes them).")
         return _launch(session, config, None, overwrite=bool(problem and overwrite))
     except StartRefused as exc:
-        return f"⚠️ {exc}"
+        return f"⚠ {exc}"
 
 
 def resume_run(session, config_tab, values: dict, run: str | None, checkpoint: str | None) -> str:
@@ -110,7 +110,7 @@ def resume_run(session, config_tab, values: dict, run: str | None, checkpoint: s
                                "press Refresh and pick one from the list.")
         return _launch(session, config, chosen)
     except StartRefused as exc:
-        return f"⚠️ {exc}"
+        return f"⚠ {exc}"
 
 
 def run_folder(session, run) -> Path:
@@ -149,7 +149,7 @@ def control(session, action: str) -> str:
     runner = session.runner
     state = runner.snapshot().state
     if not runner.is_active or not run_view.button_states(state).get(action, False):
-        return f"⚠️ {_NOT_NOW.get(action, 'That')} is not possible while the run is {state}."
+        return f"⚠ {_NOT_NOW.get(action, 'That')} is not possible while the run is {state}."
     messages = {
         "pause": (runner.pause, "Pausing after the current step. Test it on the Test tab, then press Continue."),
         "continue": (runner.resume, "Continuing."),
@@ -187,14 +187,14 @@ def pick_run(session, config_tab, run) -> tuple[dict, list[tuple[str, str]], str
     try:
         run_dir = run_folder(session, run)
     except StartRefused as exc:
-        return {}, [], f"⚠️ {exc}"
+        return {}, [], f"⚠ {exc}"
     choices = checkpoint_choices(session, run_dir)
     where = session.workspace.relative(run_dir)
     found = "" if choices else " It has no complete checkpoints to resume from."
     try:
         updates, _ = config_tab.load_file(run_dir / "config.toml", f"{where}/config.toml")
     except ConfigError as exc:
-        return {}, choices, f"⚠️ Could not load `{where}/config.toml` ({exc}); the Config tab is unchanged.{found}"
+        return {}, choices, f"⚠ Could not load `{where}/config.toml` ({exc}); the Config tab is unchanged.{found}"
     return updates, choices, f"Loaded `{where}/config.toml` into the Config tab.{found}"
 
 
