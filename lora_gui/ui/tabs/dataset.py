@@ -76,7 +76,7 @@ def build(session: AppSession, panel: gr.Tab | None = None) -> DatasetTab:
     with gr.Row():
         summary = gr.Markdown(NOT_CHECKED)
         histogram = gr.BarPlot(no_buckets(), x="bucket", y="images", height=260, sort="x", y_lim=[0, None],
-                               title="Images per bucket", x_title="aspect ratio · bucket (width x height)",
+                               title="Images per bucket", x_title="aspect · width x height",
                                y_title="images")
     table = gr.Dataframe(pd.DataFrame(columns=V.TABLE_HEADERS), label="Report: every file with its problems",
                          interactive=False, wrap=True, max_height=600, show_search="search",
