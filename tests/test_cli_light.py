@@ -70,3 +70,29 @@ def test_resume_latest_without_checkpoint_is_a_usage_error(tmp_path, capsys):
                  "--set", f"dataset.dir={tmp_path}", "--resume", "latest"])
     assert code == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_expected_library_messages_are_dropped_and_others_kept():
+    import logging
+    import warnings
+
+    from lora_gui.quiet import quiet_expected_noise
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers.loaders.lora_base")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_expected_noise()
+            warnings.warn("Already found a `peft_config` attribute in the model. This will lead to having multiple "
+                          "adapters in the model. Make sure to know what you are doing!", stacklevel=1)
+            warnings.warn("something else", stacklevel=1)
+            logger.warning("No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'.")
+            logger.warning("A real problem")
+    finally:
+        logger.removeHandler(handler)
+    assert [str(warning.message) for warning in caught] == ["something else"]
+    assert [record.getMessage() for record in records] == ["A real problem"]
