@@ -261,8 +261,10 @@ def test_unload_all_captioners_frees_every_loaded_one(models):
 def test_template_captioner(tmp_path):
     folder = tmp_path / "data"
     make_images(folder / "10_red cars", {"IMG_0042_red-car.png": RED, "sports_car-003.jpg": RED})
+    (folder / "10_red cars" / "notes.png").write_text("not an image")  # the doctor rejects it: no caption
     captioner = get_captioner("template", template="photo of {trigger}, {filename}, {folder}", trigger="sks")
-    caption_dataset(folder, captioner, CaptionOptions(trigger="sks"))
+    summary = caption_dataset(folder, captioner, CaptionOptions(trigger="sks"))
+    assert [path.name for path, _ in summary.failed] == ["notes.png"] and "not an image" in summary.failed[0][1]
     assert _captions(folder) == {
         "10_red cars/IMG_0042_red-car.txt": "photo of sks, red car, red cars",
         "10_red cars/sports_car-003.txt": "photo of sks, sports car, red cars",

@@ -15,7 +15,7 @@ from lora_gui.captioning.base import Captioner, CaptionerError, unload_all_capti
 from lora_gui.captioning.files import caption_target, write_text_atomic
 from lora_gui.captioning.resume import RunJournal
 from lora_gui.captioning.text import add_trigger, clean_text, join_parts, truncate
-from lora_gui.data.images import ImageLoadError, load_rgb
+from lora_gui.data.images import ImageLoadError, load_rgb, probe_image
 from lora_gui.data.scan import find_image_files, normalize_extension, read_caption
 from lora_gui.events import Emit, Event, Status, ignore_events
 
@@ -206,8 +206,18 @@ def _caption_batch(captioner: Captioner, batch: list[_Job], options: CaptionOpti
 
 
 def _open_images(captioner: Captioner, batch: list[_Job], summary: CaptionSummary):
+    """The batch's images, decoded; unusable files are left out as failed (a captioner that reads no pixels,
+    the template, still gets only the files the dataset doctor and training accept as images)."""
     if not captioner.needs_images:
-        return batch, []
+        ready = []
+        for job in batch:
+            try:
+                probe_image(job.image)
+            except ImageLoadError as exc:
+                summary.failed.append((job.image, exc.reason))
+                continue
+            ready.append(job)
+        return ready, []
     ready, images = [], []
     for job in batch:
         try:
