@@ -183,7 +183,7 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
 
     with Image.open(grids[-1]) as grid:
         width, height = grid.size
-    assert width == 180 + 2 * 64 and height == 28 + 2 * 64  # label margins + 2 columns x 2 rows of 64 px
+    assert width == 96 + 2 * 64 and height == 28 + 2 * 64  # label margins + 2 columns x 2 rows of 64 px
 
 
 def screenshot(page, path: Path) -> None:

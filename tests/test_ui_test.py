@@ -10,7 +10,7 @@ import pytest
 from test_ui_train import form_values, make_workspace
 
 from lora_gui.engine.checkpoint import COMPLETE_MARKER
-from lora_gui.engine.compare import NO_LORA
+from lora_gui.engine.compare import NO_LORA, label_width
 from lora_gui.ui import comparison
 from lora_gui.ui.comparison import ComparisonError
 from lora_gui.ui.tabs import test as test_tab
@@ -94,7 +94,7 @@ def adapter_facts(family, components):
 
 
 def cell(grid, row: int, column: int, size: int = 64):
-    left, top = 180 + column * size, 28 + row * size  # engine.compare.grid_image's label margins
+    left, top = label_width(size) + column * size, 28 + row * size  # engine.compare.grid_image's label margins
     return np.asarray(grid.crop((left, top, left + size, top + size)))
 
 
@@ -118,9 +118,18 @@ def test_pause_compare_continue_finish_and_compare_again(tmp_path):
     reports = []
     grid, path, message = test_tab.render(session, form, lambda fraction, desc: reports.append(desc))
     assert "paused run's model" in message and path.endswith(".png"), message
-    assert grid.size == (180 + 2 * 64, 28 + 2 * 64) and reports
+    assert grid.size == (96 + 2 * 64, 28 + 2 * 64) and reports  # a narrow label gutter beside 64 px images
     assert np.array_equal(cell(grid, 0, 0), cell(grid, 1, 0))  # scale 0 and no LoRA: both the bare base model
+    assert np.array_equal(cell(grid, 0, 0), cell(grid, 0, 1))  # the no-LoRA row is filled, not left blank
     assert not np.array_equal(cell(grid, 1, 0), cell(grid, 1, 1))
+    offered = test_tab.load_run(session, "outputs/run")  # the weights in memory, without a Save now first
+    assert (f"current weights (step {paused_at})", "current") in offered["choices"]
+    assert offered["selected"] == [NO_LORA, "current"]
+    now, _, message = test_tab.render(session, dict(form, loras=[NO_LORA, "current"]))
+    assert "paused run's model" in message, message
+    assert np.array_equal(cell(now, 1, 0), cell(grid, 0, 0))  # the current weights at scale 0: the base model
+    assert not np.array_equal(cell(now, 1, 1), cell(grid, 0, 0))  # at scale 1 the training adapter changes it
+    assert not np.array_equal(cell(now, 1, 1), cell(grid, 1, 1))  # and it has moved on since step 2
     after = runner.submit(adapter_facts).result(timeout=60)
     assert after["adapters"] == ["default"] and after["active"] == {("default",)} and not after["disabled"]
     assert after["trainable"] == before["trainable"] and after["ids"] == before["ids"]
@@ -143,7 +152,8 @@ def test_pause_compare_continue_finish_and_compare_again(tmp_path):
     assert not np.array_equal(cell(grid2, 1, 1), cell(grid2, 0, 0))  # the final LoRA loads and changes the image
     test_tab.render(session, dict(final, scales="1"))
     assert comparison.pipeline_cache(session).loads == 1
-    assert len(list((session.workspace.outputs / "run" / "comparisons").glob("compare-*.png"))) == 3
+    assert len(list((session.workspace.outputs / "run" / "comparisons").glob("compare-*.png"))) == 4
+    assert "current" not in str(test_tab.load_run(session, "outputs/run")["choices"])  # finished: files only
     assert "Overwrite" in train.start_run(session, tab, values)
     assert train.start_run(session, tab, values, overwrite=True).startswith("Started")
     assert comparison.pipeline_cache(session)._entry is None  # the cached base model was freed

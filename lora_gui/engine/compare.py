@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from lora_gui.config import TrainingConfig
 from lora_gui.engine.sampling import SampleSettings, modules_on, pipeline_kwargs
 
 NO_LORA = "no LoRA"
+CURRENT_WEIGHTS = "<current weights>"  # a paused run's training adapter as it is in memory (no file)
 
 
 @dataclass(frozen=True)
@@ -57,18 +58,22 @@ def render_comparison(
         raise ValueError("Each LoRA in a comparison needs its own row label; pick each file once.")
     prompt = settings.prompts[0]
     total, done, cells = len(loras) * len(scales), 0, []
+    training = [(layer, list(layer.active_adapters))
+                for layer in _tuner_layers([components.denoiser, *components.text_encoders])]
     pipeline.set_progress_bar_config(disable=True)
     for index, lora in enumerate(loras):
         adapter = f"compare_{index}"
-        if lora is not None:
+        from_file = lora is not None and lora != CURRENT_WEIGHTS
+        if from_file:
             check_lora_file(lora)
             pipeline.load_lora_weights(lora, adapter_name=adapter)
         row_scales = scales if lora is not None else scales[:1]
         try:
             for scale in row_scales:
-                if lora is not None:
+                if from_file:
                     pipeline.set_adapters([adapter], adapter_weights=[float(scale)])
-                with torch.no_grad(), _adapters_off(components, lora is None):
+                current = _training_adapter_at(training, float(scale)) if lora == CURRENT_WEIGHTS else nullcontext()
+                with torch.no_grad(), _adapters_off(components, lora is None), current:
                     kwargs = pipeline_kwargs(family, components, pipeline, prompt, settings, settings.seed)
                     image = pipeline(**kwargs).images[0]
                 cells.append(ComparisonCell(row=labels[index], scale=float(scale), image=image))
@@ -76,9 +81,28 @@ def render_comparison(
                 if progress:
                     progress(done, total)
         finally:
-            if lora is not None:
+            if from_file:
                 pipeline.delete_adapters([adapter])
     return cells
+
+
+@contextmanager
+def _training_adapter_at(training: list, scale: float):
+    """The adapters that were active before the comparison (a paused run's training adapter), active again and
+    at ``scale``; their scale is 1 again afterwards."""
+    if not training:
+        raise ValueError("This model has no training adapter in memory; pick a saved LoRA file instead.")
+    for layer, names in training:
+        layer.set_adapter(names)
+        layer.enable_adapters(True)
+        for name in names:
+            layer.set_scale(name, scale)
+    try:
+        yield
+    finally:
+        for layer, names in training:
+            for name in names:
+                layer.set_scale(name, 1.0)
 
 
 def render_on_training_model(
@@ -187,18 +211,25 @@ def grid_image(cells: Sequence[ComparisonCell], scales: Sequence[float]):
 
     rows = list(dict.fromkeys(cell.row for cell in cells))
     width, height = cells[0].image.size
-    label_w, label_h = 180, 28
+    label_w, label_h = label_width(width), 28
     grid = Image.new("RGB", (label_w + width * len(scales), label_h + height * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for column, scale in enumerate(scales):
         draw.text((label_w + column * width + 6, 8), f"scale {scale:g}", fill="black")
     for row_index, row in enumerate(rows):
         top = label_h + row_index * height
-        draw.text((6, top + height // 2 - 6), _shorten(row, 28), fill="black")
+        draw.text((6, top + height // 2 - 6), _shorten(row, (label_w - 12) // 6), fill="black")
         for cell in (c for c in cells if c.row == row):
-            column = list(scales).index(cell.scale) if row != NO_LORA else 0
-            grid.paste(cell.image.convert("RGB"), (label_w + column * width, top))
+            # the base model does not depend on the scale: its one image fills the row
+            columns = range(len(scales)) if row == NO_LORA else [list(scales).index(cell.scale)]
+            for column in columns:
+                grid.paste(cell.image.convert("RGB"), (label_w + column * width, top))
     return grid
+
+
+def label_width(image_width: int) -> int:
+    """The row labels' gutter: 180 px beside large images, narrower beside small ones (never under 96)."""
+    return max(96, min(180, image_width))
 
 
 def _shorten(text: str, limit: int) -> str:

@@ -105,10 +105,25 @@ def run_config(run_dir: Path) -> TrainingConfig:
         ) from None
 
 
-def lora_choices(run_dir: Path) -> list[LoraChoice]:
-    """'no LoRA', every complete checkpoint's LoRA (oldest first) and the final LoRA, as they are on disk."""
+CURRENT = "current"  # the form's value for a paused run's weights in memory
+
+
+def paused_step(session, run_dir: Path) -> int | None:
+    """The step of the app's run when it is this run and paused (its weights can be tested as they are)."""
+    runner = session.runner
+    if not runner.is_active or runner.output_dir is None or Path(runner.output_dir).resolve() != run_dir.resolve():
+        return None
+    snapshot = runner.snapshot()
+    return snapshot.step if snapshot.state == "paused" else None
+
+
+def lora_choices(run_dir: Path, current_step: int | None = None) -> list[LoraChoice]:
+    """'no LoRA', a paused run's current weights (``current_step``), every complete checkpoint's LoRA (oldest
+    first) and the final LoRA, as they are on disk."""
     name = lora_name(run_dir)
     choices = [LoraChoice(NO_LORA, NO_LORA, None)]
+    if current_step is not None:
+        choices.append(LoraChoice(CURRENT, f"current weights (step {current_step})", None))
     for folder in list_checkpoints(run_dir):
         file = _lora_file_in(folder, name)
         if file is not None:
@@ -184,7 +199,7 @@ def build_request(session, run, chosen, scales, prompt, negative_prompt, seed, s
     run_dir = resolve_run(session, run)
     config = run_config(run_dir)
     chosen = [chosen] if isinstance(chosen, str) else list(chosen or [])
-    available = lora_choices(run_dir)
+    available = lora_choices(run_dir, paused_step(session, run_dir))
     unknown = set(chosen) - {choice.value for choice in available}
     if unknown:
         raise ComparisonError(f"{', '.join(sorted(map(str, unknown)))} is not a LoRA of {run_dir.name}; "
@@ -288,9 +303,10 @@ def run_comparison(session, request: ComparisonRequest, progress: Progress | Non
 
 
 def _render(session, request: ComparisonRequest, progress: Progress | None):
-    from lora_gui.engine.compare import render_comparison
+    from lora_gui.engine.compare import CURRENT_WEIGHTS, render_comparison
 
-    paths = [None if choice.path is None else str(choice.path) for choice in request.loras]
+    paths = [CURRENT_WEIGHTS if choice.value == CURRENT else None if choice.path is None else str(choice.path)
+             for choice in request.loras]
     labels = [choice.label for choice in request.loras]
     if session.runner.is_active:
         return _render_on_active_run(session.runner, request, paths, labels, progress), "the paused run's model"

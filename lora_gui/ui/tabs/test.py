@@ -45,8 +45,10 @@ def load_run(session, run: str | None) -> dict:
         config = comparison.run_config(run_dir)
     except ComparisonError as exc:
         return {"choices": [(NO_LORA, NO_LORA)], "selected": [NO_LORA], "message": f"⚠ {exc}", "defaults": {}}
-    choices = comparison.lora_choices(run_dir)
-    selected = [NO_LORA] + ([choices[-1].value] if len(choices) > 1 else [])
+    current = comparison.paused_step(session, run_dir)
+    choices = comparison.lora_choices(run_dir, current)
+    newest = comparison.CURRENT if current is not None else choices[-1].value
+    selected = [NO_LORA] + ([newest] if len(choices) > 1 else [])
     note = "" if len(choices) > 1 else "This run has no checkpoints or final LoRA yet; only 'no LoRA' can be shown."
     return {"choices": [(choice.label, choice.value) for choice in choices], "selected": selected, "message": note,
             "defaults": comparison.form_defaults(config)}
@@ -86,7 +88,7 @@ def build(session, config_tab) -> None:
         refresh = gr.Button("Refresh", scale=1)
     initial = load_run(session, chosen) if chosen else {"choices": [], "selected": [], "message": "", "defaults": {}}
     loras = gr.CheckboxGroup(initial["choices"], value=initial["selected"], label="LoRAs (rows)",
-                             info="'no LoRA', the run's checkpoints and its final LoRA")
+                             info="'no LoRA', a paused run's current weights, the run's checkpoints and its final LoRA")
     scales = gr.Textbox(comparison.DEFAULT_SCALES, label="LoRA scales (columns)",
                         info="Numbers from -4 to 4, at most 8, separated by commas")
     start = {"seed": 1234, "steps": 20, "guidance": 5.0, "width": 512, "height": 512, **initial["defaults"]}
