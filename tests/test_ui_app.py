@@ -110,3 +110,22 @@ def test_a_busy_port_is_named_with_the_option_to_change_it(tmp_path):
     assert done.returncode == 1
     assert f"port {port} is in use" in done.stderr and f"--port {port + 1}" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout and "GRADIO_SERVER_PORT" not in done.stderr
+
+
+def test_the_page_is_built_without_the_model_libraries(tmp_path):
+    """diffusers, transformers and peft take seconds to import: the page does not need them, so they load
+    when a model does (torch comes for the GPU check and the versions panel)."""
+    import sys
+
+    script = (
+        "import sys\n"
+        "from lora_gui.ui.app import build_app\n"
+        "from lora_gui.ui.session import AppSession\n"
+        "from lora_gui.ui.workspace import Workspace\n"
+        f"build_app(AppSession(workspace=Workspace.create({str(tmp_path / 'ws')!r})))\n"
+        "print(sorted(name for name in ('diffusers', 'transformers', 'peft', 'bitsandbytes', 'optimum.quanto')"
+        " if name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

@@ -6,9 +6,12 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_gui.config import TrainingConfig
-from lora_gui.engine.sampling import SampleSettings, modules_on, pipeline_kwargs
+
+if TYPE_CHECKING:
+    from lora_gui.engine.sampling import SampleSettings
 
 NO_LORA = "no LoRA"
 CURRENT_WEIGHTS = "<current weights>"  # a paused run's training adapter as it is in memory (no file)
@@ -52,6 +55,8 @@ def render_comparison(
     training adapter) are switched off for the base-model row and inactive for the LoRA rows.
     """
     import torch
+
+    from lora_gui.engine.sampling import pipeline_kwargs
 
     labels = list(labels) if labels is not None else _row_labels(loras)
     if len(set(labels)) != len(labels) or len(labels) != len(loras):
@@ -121,6 +126,8 @@ def render_on_training_model(
     The global random state is left as it was, so training continues as if nothing happened.
     """
     import torch
+
+    from lora_gui.engine.sampling import modules_on
 
     modules = [components.denoiser, *components.text_encoders]
     saved = _AdapterSetup(modules)

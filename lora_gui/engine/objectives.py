@@ -11,8 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-import torch.nn.functional as F
+from lora_gui.lazy import lazy_module
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
+
 
 
 @dataclass

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lora_gui.config import SampleSection
-from lora_gui.engine.devices import text_encoder_device
 from lora_gui.engine.families.base import Components, ModelFamily
+from lora_gui.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ def encode_sampling_prompt(family: ModelFamily, components: Components, pipeline
                            settings: SampleSettings) -> dict:
     """A prompt's embeddings for the pipeline; the text encoders visit the device only meanwhile
     (or stay on the CPU when they do not fit next to the model)."""
+    from lora_gui.engine.devices import text_encoder_device
+
     device = text_encoder_device(components.text_encoders, components.device or torch.device("cpu"))
     with modules_on(components.text_encoders, device), torch.no_grad():
         return family.sampling_prompt_kwargs(pipeline, components, prompt, settings.negative_prompt,

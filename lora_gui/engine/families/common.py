@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from lora_gui.engine.families.base import Components
 from lora_gui.engine.families.loading import LoadedPipeline, place_frozen
+from lora_gui.lazy import lazy_module, no_grad
+
+torch = lazy_module("torch")
 
 if TYPE_CHECKING:
     from lora_gui.engine.families.base import ModelFamily
@@ -61,7 +62,7 @@ def clip_input_ids(tokenizer: Any, captions: list[str], encoder: Any) -> torch.T
     return ids.to(encoder.device)
 
 
-@torch.no_grad()
+@no_grad
 def encode_vae_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     """Deterministic latents (the distribution's mode), shifted and scaled as the denoiser expects.
 

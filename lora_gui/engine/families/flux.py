@@ -10,9 +10,6 @@ import re
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
-
 from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.builtin import is_builtin
 from lora_gui.engine.families.common import (
@@ -27,6 +24,10 @@ from lora_gui.engine.families.loading import ModelLoadError, load_pipeline, reso
 from lora_gui.engine.families.published_text_encoders import CLIP_L, T5_XXL, PlannedTextEncoder
 from lora_gui.engine.families.published_vaes import FLUX_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
+from lora_gui.lazy import lazy_module
+
+torch = lazy_module("torch")
+diffusers = lazy_module("diffusers")
 
 if TYPE_CHECKING:
     from lora_gui.config import ModelSection, TrainSection
@@ -87,15 +88,15 @@ class FluxFamily(ModelFamily):
             tensor_names)
 
     def pipeline_class(self) -> type:
-        return FluxPipeline
+        return diffusers.FluxPipeline
 
     def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
         source = resolve_source(model.base, model.cache_dir)
         schnell_file = source.kind == "single_file" and not single_file_has_guidance(source.location)
         loaded = load_pipeline(
-            model, FluxPipeline, dtype, emit, source=source, denoiser_key=self.denoiser_key,
+            model, diffusers.FluxPipeline, dtype, emit, source=source, denoiser_key=self.denoiser_key,
             default_components=FLUX_SCHNELL if schnell_file else FLUX_DEV,
-            single_file_part=("transformer", FluxTransformer2DModel),
+            single_file_part=("transformer", diffusers.FluxTransformer2DModel),
         )
         variant = "dev" if loaded.denoiser_config().get("guidance_embeds") else "schnell"
         tokens = max_sequence_length(model.base, variant, loaded.pipe.tokenizer_2)
@@ -171,7 +172,7 @@ class FluxFamily(ModelFamily):
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def build_pipeline(self, components: Components) -> Any:
-        pipe = FluxPipeline(
+        pipe = diffusers.FluxPipeline(
             scheduler=fresh_scheduler(components.scheduler),
             vae=components.vae,
             text_encoder=components.pipeline_text_encoder(0),

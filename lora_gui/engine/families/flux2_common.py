@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-import torch
-from diffusers import Flux2Pipeline
-
 from lora_gui.engine.families.common import linear_layers, unwrap, without_checkpoint_prefix
+from lora_gui.lazy import lazy_module, no_grad
+
+torch = lazy_module("torch")
+diffusers = lazy_module("diffusers")
 
 ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.to_qkv_mlp_proj"]
 # The single-stream blocks' output projection: a plain Linear named attn.to_out, while the dual-stream
@@ -48,10 +49,10 @@ def fitted_targets(targets: list[str], denoiser: Any) -> list[str]:
     return fitted + linear_layers(denoiser, "single_transformer_blocks.", ".attn.to_out")
 
 
-@torch.no_grad()
+@no_grad
 def encode_latents(vae: Any, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The VAE's mode, patchified 2x2 and normalised with its batch-norm running statistics."""
-    latents = Flux2Pipeline._patchify_latents(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode())
+    latents = diffusers.Flux2Pipeline._patchify_latents(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode())
     mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
     return ((latents - mean) / std.to(latents.device, latents.dtype)).to(dtype)
@@ -70,14 +71,14 @@ def predict(denoiser: Any, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
     """The transformer's prediction for patchified latents, unpacked to their layout."""
     device = noisy_latents.device
     prompt_embeds = prompt_embeds.to(dtype)
-    image_ids = Flux2Pipeline._prepare_latent_ids(noisy_latents).to(device)
-    packed = Flux2Pipeline._pack_latents(noisy_latents.to(dtype))
+    image_ids = diffusers.Flux2Pipeline._prepare_latent_ids(noisy_latents).to(device)
+    packed = diffusers.Flux2Pipeline._pack_latents(noisy_latents.to(dtype))
     guidance_input = None
     if unwrap(denoiser).config.guidance_embeds:
         guidance_input = torch.full((noisy_latents.shape[0],), float(guidance), device=device, dtype=torch.float32)
     output = denoiser(
         hidden_states=packed, encoder_hidden_states=prompt_embeds, timestep=(timesteps / 1000).to(dtype),
-        img_ids=image_ids, txt_ids=Flux2Pipeline._prepare_text_ids(prompt_embeds).to(device),
+        img_ids=image_ids, txt_ids=diffusers.Flux2Pipeline._prepare_text_ids(prompt_embeds).to(device),
         guidance=guidance_input, return_dict=False,
     )[0]
     # The inverse of _pack_latents for a full grid: what the pipeline's _unpack_latents_with_ids does by

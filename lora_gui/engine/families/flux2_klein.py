@@ -12,9 +12,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-import torch
-from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
-
 from lora_gui.engine.families import flux2_common
 from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.builtin import is_builtin
@@ -23,6 +20,10 @@ from lora_gui.engine.families.loading import load_pipeline
 from lora_gui.engine.families.published_text_encoders import QWEN3_4B_CAUSAL, QWEN3_8B, PlannedTextEncoder
 from lora_gui.engine.families.published_vaes import FLUX2_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
+from lora_gui.lazy import lazy_module
+
+torch = lazy_module("torch")
+diffusers = lazy_module("diffusers")
 
 if TYPE_CHECKING:
     from lora_gui.config import ModelSection, TrainSection
@@ -68,15 +69,15 @@ class Flux2KleinFamily(ModelFamily):
         return is_flux2 and not has_guidance
 
     def pipeline_class(self) -> type:
-        return Flux2KleinPipeline
+        return diffusers.Flux2KleinPipeline
 
     def lora_targets(self, preset: str, denoiser: Any = None) -> list[str]:
         return flux2_common.fitted_targets(super().lora_targets(preset, denoiser), denoiser)
 
     def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
-        loaded = load_pipeline(model, Flux2KleinPipeline, dtype, emit, denoiser_key=self.denoiser_key,
+        loaded = load_pipeline(model, diffusers.Flux2KleinPipeline, dtype, emit, denoiser_key=self.denoiser_key,
                                default_components=self.default_components,
-                               single_file_part=("transformer", Flux2Transformer2DModel),
+                               single_file_part=("transformer", diffusers.Flux2Transformer2DModel),
                                strip_prefix="model.diffusion_model.")
         tokens = BUILTIN_CAPTION_TOKENS if is_builtin(model.base) else CAPTION_TOKENS
         return frozen_components(self, loaded, device, dtype, max_sequence_length=tokens,
@@ -84,7 +85,7 @@ class Flux2KleinFamily(ModelFamily):
 
     def encode_prompts(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         encoder = components.text_encoders[0]
-        embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+        embeds = diffusers.Flux2KleinPipeline._get_qwen3_prompt_embeds(
             encoder, components.tokenizers[0], list(captions), device=encoder.device,
             max_sequence_length=components.extra["max_sequence_length"], hidden_states_layers=TEXT_LAYERS,
         )
@@ -115,7 +116,7 @@ class Flux2KleinFamily(ModelFamily):
         return kwargs
 
     def build_pipeline(self, components: Components) -> Any:
-        pipe = Flux2KleinPipeline(
+        pipe = diffusers.Flux2KleinPipeline(
             scheduler=fresh_scheduler(components.scheduler),
             vae=components.vae,
             text_encoder=components.pipeline_text_encoder(0),

@@ -14,9 +14,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-import torch
-from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
-
 from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.builtin import is_builtin
 from lora_gui.engine.families.common import (
@@ -30,6 +27,10 @@ from lora_gui.engine.families.loading import load_pipeline
 from lora_gui.engine.families.published_text_encoders import QWEN25_VL_7B, PlannedTextEncoder
 from lora_gui.engine.families.published_vaes import QWEN_IMAGE_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
+from lora_gui.lazy import lazy_module, no_grad
+
+torch = lazy_module("torch")
+diffusers = lazy_module("diffusers")
 
 if TYPE_CHECKING:
     from lora_gui.config import ModelSection, TrainSection
@@ -81,7 +82,7 @@ class QwenImageFamily(ModelFamily):
             name.startswith("transformer_blocks.") and ".img_mod." in name for name in names)
 
     def pipeline_class(self) -> type:
-        return QwenImagePipeline
+        return diffusers.QwenImagePipeline
 
     def lora_targets(self, preset: str, denoiser: Any = None) -> list[str]:
         targets = super().lora_targets(preset, denoiser)
@@ -93,9 +94,9 @@ class QwenImageFamily(ModelFamily):
         return fitted + linear_layers(denoiser, "transformer_blocks.", MODULATION)
 
     def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
-        loaded = load_pipeline(model, QwenImagePipeline, dtype, emit, denoiser_key=self.denoiser_key,
+        loaded = load_pipeline(model, diffusers.QwenImagePipeline, dtype, emit, denoiser_key=self.denoiser_key,
                                default_components=self.default_components,
-                               single_file_part=("transformer", QwenImageTransformer2DModel),
+                               single_file_part=("transformer", diffusers.QwenImageTransformer2DModel),
                                strip_prefix="model.diffusion_model.")
         tokens = BUILTIN_CAPTION_TOKENS if is_builtin(model.base) else CAPTION_TOKENS
         return frozen_components(self, loaded, device, dtype, max_sequence_length=tokens,
@@ -116,7 +117,7 @@ class QwenImageFamily(ModelFamily):
         return {"prompt_embeds": hidden[:, dropped:] * caption_mask.unsqueeze(-1).to(hidden.dtype),
                 "prompt_mask": caption_mask.to(hidden.dtype)}
 
-    @torch.no_grad()
+    @no_grad
     def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised latents of one frame, (B, 16, H/8, W/8)."""
         vae = components.vae
@@ -139,13 +140,13 @@ class QwenImageFamily(ModelFamily):
                 embeds: dict[str, torch.Tensor], conditioning: list[Conditioning], train: TrainSection) -> torch.Tensor:
         dtype = components.weight_dtype
         batch, channels, height, width = noisy_latents.shape
-        packed = QwenImagePipeline._pack_latents(noisy_latents.to(dtype), batch, channels, height, width)
+        packed = diffusers.QwenImagePipeline._pack_latents(noisy_latents.to(dtype), batch, channels, height, width)
         output = components.denoiser(
             hidden_states=packed, encoder_hidden_states=embeds["prompt_embeds"].to(dtype),
             encoder_hidden_states_mask=embeds["prompt_mask"], timestep=(timesteps / 1000).to(dtype),
             img_shapes=[[(1, height // 2, width // 2)]] * batch, return_dict=False,
         )[0]
-        return QwenImagePipeline._unpack_latents(output, height * 8, width * 8, 8).squeeze(2)
+        return diffusers.QwenImagePipeline._unpack_latents(output, height * 8, width * 8, 8).squeeze(2)
 
     def sampling_prompt_kwargs(self, pipeline: Any, components: Components, prompt: str, negative_prompt: str,
                                guidance_scale: float, device: Any) -> dict[str, Any]:
@@ -168,7 +169,7 @@ class QwenImageFamily(ModelFamily):
         return {"true_cfg_scale": guidance_scale}
 
     def build_pipeline(self, components: Components) -> Any:
-        pipe = QwenImagePipeline(
+        pipe = diffusers.QwenImagePipeline(
             scheduler=fresh_scheduler(components.scheduler),
             vae=components.vae,
             text_encoder=components.pipeline_text_encoder(0),

@@ -5,9 +5,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-import torch
-from diffusers import StableDiffusionPipeline
-
 from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.checkpoint_names import has_ldm_unet, has_sdxl_embeddings
 from lora_gui.engine.families.common import (
@@ -20,6 +17,10 @@ from lora_gui.engine.families.loading import load_pipeline
 from lora_gui.engine.families.published_text_encoders import CLIP_L, PlannedTextEncoder
 from lora_gui.engine.families.published_vaes import SD_VAE
 from lora_gui.engine.objectives import DiffusionObjective
+from lora_gui.lazy import lazy_module
+
+torch = lazy_module("torch")
+diffusers = lazy_module("diffusers")
 
 if TYPE_CHECKING:
     from lora_gui.config import ModelSection, TrainSection
@@ -64,7 +65,7 @@ class SD15Family(ModelFamily):
         return has_ldm_unet(tensor_names) and not has_sdxl_embeddings(tensor_names)
 
     def pipeline_class(self) -> type:
-        return StableDiffusionPipeline
+        return diffusers.StableDiffusionPipeline
 
     def planning_inputs(self, architecture: dict[str, Any], batch: int, height: int, width: int,
                         dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Conditioning]]:
@@ -118,7 +119,7 @@ class SD15Family(ModelFamily):
         return kwargs
 
     def build_pipeline(self, components: Components) -> Any:
-        pipe = StableDiffusionPipeline(
+        pipe = diffusers.StableDiffusionPipeline(
             vae=components.vae,
             text_encoder=components.pipeline_text_encoder(0),
             tokenizer=components.tokenizers[0],

@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-import torch
-from diffusers import StableDiffusionXLPipeline
-
 from lora_gui.engine.families.base import Components, Conditioning
 from lora_gui.engine.families.checkpoint_names import has_ldm_unet, has_sdxl_embeddings
 from lora_gui.engine.families.common import clip_input_ids, fresh_scheduler
 from lora_gui.engine.families.published_text_encoders import CLIP_G, CLIP_L, PlannedTextEncoder
 from lora_gui.engine.families.published_vaes import SD_VAE
 from lora_gui.engine.families.sd15 import SD15Family
+from lora_gui.lazy import lazy_module
+
+torch = lazy_module("torch")
+diffusers = lazy_module("diffusers")
 
 if TYPE_CHECKING:
     from lora_gui.config import TrainSection
@@ -49,7 +50,7 @@ class SDXLFamily(SD15Family):
         return has_ldm_unet(tensor_names) and has_sdxl_embeddings(tensor_names)
 
     def pipeline_class(self) -> type:
-        return StableDiffusionXLPipeline
+        return diffusers.StableDiffusionXLPipeline
 
     def _load_overrides(self) -> dict[str, Any]:
         return {}
@@ -95,7 +96,7 @@ class SDXLFamily(SD15Family):
         return kwargs
 
     def build_pipeline(self, components: Components) -> Any:
-        pipe = StableDiffusionXLPipeline(
+        pipe = diffusers.StableDiffusionXLPipeline(
             vae=components.vae,
             text_encoder=components.pipeline_text_encoder(0),
             text_encoder_2=components.pipeline_text_encoder(1),

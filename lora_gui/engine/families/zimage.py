@@ -12,9 +12,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-import torch
-from diffusers import ZImagePipeline, ZImageTransformer2DModel
-
 from lora_gui.engine.families.base import Components, Conditioning, ModelFamily
 from lora_gui.engine.families.builtin import is_builtin
 from lora_gui.engine.families.common import (
@@ -29,6 +26,10 @@ from lora_gui.engine.families.loading import load_pipeline
 from lora_gui.engine.families.published_text_encoders import QWEN3_4B, PlannedTextEncoder
 from lora_gui.engine.families.published_vaes import FLUX_VAE
 from lora_gui.engine.objectives import FlowMatchingObjective
+from lora_gui.lazy import lazy_module
+
+torch = lazy_module("torch")
+diffusers = lazy_module("diffusers")
 
 if TYPE_CHECKING:
     from lora_gui.config import ModelSection, TrainSection
@@ -77,7 +78,7 @@ class ZImageFamily(ModelFamily):
             name.startswith("context_refiner.") for name in names)
 
     def pipeline_class(self) -> type:
-        return ZImagePipeline
+        return diffusers.ZImagePipeline
 
     def lora_targets(self, preset: str, denoiser: Any = None) -> list[str]:
         """The preset's patterns; with the model at hand, ``adaLN_modulation.0`` becomes the Linear layers of
@@ -89,9 +90,9 @@ class ZImageFamily(ModelFamily):
         return fitted + linear_layers(denoiser, "", "adaLN_modulation.0")
 
     def load(self, model: ModelSection, device: torch.device, dtype: torch.dtype, emit: Emit) -> Components:
-        loaded = load_pipeline(model, ZImagePipeline, dtype, emit, denoiser_key=self.denoiser_key,
+        loaded = load_pipeline(model, diffusers.ZImagePipeline, dtype, emit, denoiser_key=self.denoiser_key,
                                default_components=self.default_components,
-                               single_file_part=("transformer", ZImageTransformer2DModel))
+                               single_file_part=("transformer", diffusers.ZImageTransformer2DModel))
         tokens = BUILTIN_CAPTION_TOKENS if is_builtin(model.base) else CAPTION_TOKENS
         return frozen_components(self, loaded, device, dtype, max_sequence_length=tokens)
 
@@ -144,7 +145,7 @@ class ZImageFamily(ModelFamily):
         return kwargs
 
     def build_pipeline(self, components: Components) -> Any:
-        pipe = ZImagePipeline(
+        pipe = diffusers.ZImagePipeline(
             scheduler=fresh_scheduler(components.scheduler),
             vae=components.vae,
             text_encoder=components.pipeline_text_encoder(0),
