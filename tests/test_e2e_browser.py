@@ -134,7 +134,8 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     expect(gallery_images.first).to_be_visible(timeout=LONG)
     loss_lines = page.locator("#lg-loss-plot .mark-line path")  # an empty plot has an svg but no lines
     expect(loss_lines).to_have_count(2, timeout=LONG)  # raw and smoothed
-    expect(loss_lines.first).to_have_attribute("d", re.compile(r"^M[\d.,-]+L"))  # two or more points
+    # two or more points (the plots refresh at most every run_view.PLOT_REFRESH_S while training)
+    expect(loss_lines.first).to_have_attribute("d", re.compile(r"^M[\d.,-]+L"), timeout=LONG)
     checkpoints = workspace / "outputs" / "e2e" / "checkpoints"
     wait_for_files(page, checkpoints, "step-0000*/COMPLETE", 2)
     page.reload()  # the form and the run come back
@@ -184,6 +185,27 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     with Image.open(grids[-1]) as grid:
         width, height = grid.size
     assert width == 96 + 2 * 64 and height == 28 + 2 * 64  # label margins + 2 columns x 2 rows of 64 px
+
+    # 6. Hostile values in every number field of the Config tab: each is named with its range.
+    hostile_numbers(page, expect, shots)
+
+
+def hostile_numbers(page, expect, shots: Path) -> None:
+    from lora_gui.ui.forms import field_specs
+
+    page.get_by_role("tab", name="Config").click()
+    for accordion in page.get_by_text(re.compile(r"^Advanced .+ settings$")).all():
+        accordion.click()
+    numbers = [spec for spec in field_specs() if spec.kind == "number"]
+    for label in dict.fromkeys(spec.label for spec in numbers):  # "Seed" names two fields
+        for box in field(page, label).all():
+            box.fill("-999999")
+            box.press("Tab")
+    problems = page.get_by_text("fix these before training").locator("..")
+    for spec in numbers:
+        if spec.minimum is not None and spec.minimum > -999999:
+            expect(problems).to_contain_text(f"{spec.key}:", timeout=30_000)
+    screenshot(page, shots / "06-hostile-numbers.png")
 
 
 def screenshot(page, path: Path) -> None:

@@ -130,7 +130,7 @@ def test_each_change_moves_only_its_groups_version(tmp_path):
     runner.change(state="paused")
     assert {k for k, v in groups(session).items() if now[k] != v} == {"controls"}
     controls = train.controls_panel(session)
-    states = {name: update["interactive"] for name, update in zip(train.BUTTONS, controls[4:-1], strict=True)}
+    states = {name: update["interactive"] for name, update in zip(train.BUTTONS, controls[5:-1], strict=True)}
     assert states == run_view.button_states("paused")
     assert controls[-1].value == train.POLL_S  # the run is active: poll at the active rate
 

@@ -262,6 +262,7 @@ class RunView:
     plots_at: float  # when the plots were rendered (time.monotonic)
     plots_behind: bool  # steps arrived since, held back until PLOT_REFRESH_S has passed
     nonce: str = ""
+    runs: list[tuple[str, str]] | None = None  # the run picker's choices, made with the controls
 
     def triggers(self) -> list[str]:
         """One short string per group; a browser refetches a group when its string changes."""
@@ -273,7 +274,8 @@ class RunView:
 
 def render_view(snap: RunSnapshot, previous: RunView | None, now: float, *, active: bool, memory: str,
                 error_panel: Callable[[object], tuple[str, str] | None],
-                checkpoints: Callable[[], list[tuple[str, str]]] | None, checkpoints_key: object = None) -> RunView:
+                checkpoints: Callable[[], list[tuple[str, str]]] | None, checkpoints_key: object = None,
+                runs: Callable[[], list[tuple[str, str]]] | None = None) -> RunView:
     """The view of ``snap``, reusing from ``previous`` every group whose content did not change."""
     keys = view_keys(snap)
     wanted = {"plots": keys["plots"], "gallery": keys["samples"], "log": keys["log"],
@@ -292,10 +294,11 @@ def render_view(snap: RunSnapshot, previous: RunView | None, now: float, *, acti
                else (gallery_items(snap.samples), gallery_columns(snap.samples)))
     log = previous.log if same("log") else log_text(snap.log)
     if same("controls"):
-        error, buttons, choices = previous.error, previous.buttons, previous.checkpoints
+        error, buttons, choices, run_choices = previous.error, previous.buttons, previous.checkpoints, previous.runs
     else:
         error, buttons = error_panel(snap.error), button_states(snap.state)
         choices = checkpoints() if checkpoints is not None else None
+        run_choices = runs() if runs is not None else None
     rendered = {**wanted, "plots": plots_key}
     versions = dict.fromkeys(GROUPS, 0) if previous is None else {
         name: previous.versions[name] + (previous.keys[name] != rendered[name]) for name in GROUPS}
@@ -303,7 +306,8 @@ def render_view(snap: RunSnapshot, previous: RunView | None, now: float, *, acti
     status, memory = inspect.cleandoc(status_markdown(snap)), inspect.cleandoc(memory)
     return RunView(status=status, memory=memory, loss=loss, lr=lr, gallery=gallery[0],
                    columns=gallery[1], log=log, error=error, buttons=buttons, checkpoints=choices, active=active,
-                   keys=rendered, versions=versions, plots_at=plots_at, plots_behind=plots_key != wanted["plots"])
+                   keys=rendered, versions=versions, plots_at=plots_at, plots_behind=plots_key != wanted["plots"],
+                   runs=run_choices)
 
 
 @dataclass

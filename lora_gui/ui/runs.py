@@ -34,12 +34,16 @@ def run_status(run_dir: Path, name: str | None) -> str:
     return "no checkpoints"
 
 
-def list_runs(workspace: Workspace, runner) -> list[RunEntry]:
-    """Every run folder under outputs/: the active run first, then the most recently changed."""
+def list_runs(workspace: Workspace, runner, snapshot=None) -> list[RunEntry]:
+    """Every run folder under outputs/: the active run first, then the most recently changed. ``snapshot``:
+    the runner's, when the caller has one (a copy costs a little); ``runner`` None: states from the files only
+    (while the page is built; its load event lists them again)."""
     from lora_gui.ui.comparison import lora_name
 
-    active = Path(runner.output_dir).resolve() if runner.is_active and runner.output_dir is not None else None
-    snapshot = runner.snapshot() if active is not None else None
+    live = runner is not None and runner.is_active and runner.output_dir is not None
+    active = Path(runner.output_dir).resolve() if live else None
+    if active is not None and snapshot is None:
+        snapshot = runner.snapshot()
     entries = []
     for folder in workspace.list_runs():
         path = workspace.root / folder

@@ -21,10 +21,11 @@ FIELDS = ("run", "loras", "scales", "prompt", "negative_prompt", "seed", "steps"
 DEFAULT_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height")
 
 
-def run_options(session, config_tab=None, values: dict | None = None) -> tuple[list[tuple[str, str]], str | None]:
+def run_options(session, config_tab=None, values: dict | None = None,
+                live: bool = True) -> tuple[list[tuple[str, str]], str | None]:
     """Run folders under outputs/ as (label with status, folder), and the one to show: the live or paused run,
-    else the Config tab's output.dir, else the newest."""
-    entries = runs.list_runs(session.workspace, session.runner)
+    else the Config tab's output.dir, else the newest (``live`` False: without the live run's state)."""
+    entries = runs.list_runs(session.workspace, session.runner if live else None)
     folders = [entry.folder for entry in entries]
     preferred = [entry.folder for entry in entries if entry.live]
     if config_tab is not None and values is not None:
@@ -82,7 +83,7 @@ def _reporter(progress):
 
 def build(session, config_tab) -> None:
     tab = Context.block
-    runs, chosen = run_options(session)
+    runs, chosen = run_options(session, live=False)  # entering the tab lists them with the live run's state
     with gr.Row():
         run = gr.Dropdown(runs, value=chosen, label="Run folder", scale=4)
         refresh = gr.Button("Refresh", scale=1)

@@ -173,10 +173,10 @@ def checkpoint_choices(session, output_dir) -> list[tuple[str, str]]:
             for path in reversed(list_checkpoints(output_dir))]
 
 
-def run_choices(session, chosen: str | None = None) -> tuple[list[tuple[str, str]], str | None]:
+def run_choices(session, chosen: str | None = None, live: bool = True) -> tuple[list[tuple[str, str]], str | None]:
     """The run picker's (label, folder) choices and the one to select: ``chosen`` if it is still there, else
-    the live run, else the newest."""
-    choices = runs.choices(runs.list_runs(session.workspace, session.runner))
+    the live run, else the newest. ``live`` False: without the live run's state (see ``runs.list_runs``)."""
+    choices = runs.choices(runs.list_runs(session.workspace, session.runner if live else None))
     folders = [folder for _, folder in choices]
     return choices, chosen if chosen in folders else (folders[0] if folders else None)
 
@@ -218,6 +218,7 @@ def _render(session, previous: run_view.RunView | None, now: float) -> run_view.
         error_panel=lambda error: _error_panel(session, error),
         checkpoints=None if output_dir is None else lambda: checkpoint_choices(session, output_dir),
         checkpoints_key=(len(snap.checkpoints), str(output_dir)),
+        runs=None if output_dir is None else lambda: runs.choices(runs.list_runs(session.workspace, runner, snap)),
     )
 
 
@@ -249,7 +250,7 @@ def controls_panel(session) -> list:
     run = None if session.runner.output_dir is None else session.workspace.relative(session.runner.output_dir)
     return [
         gr.update(value=error_text, visible=bool(error_text)), gr.update(visible=bool(error_details)), error_details,
-        gr.skip() if run is None else gr.update(choices=run_choices(session, run)[0], value=run),
+        gr.skip() if view.runs is None else gr.update(choices=view.runs, value=run),
         gr.skip() if choices is None else gr.update(choices=choices, value=choices[0][1] if choices else None),
         *[gr.update(interactive=view.buttons[name]) for name in BUTTONS],
         gr.Timer(POLL_S if view.active else IDLE_POLL_S),
@@ -290,7 +291,7 @@ def build(session, config_tab) -> list[JsonRoute]:
         }
     overwrite = gr.Checkbox(False, label="Overwrite: train from step 0 even if output.dir holds a finished LoRA "
                                          "or checkpoints (deletes them)")
-    initial_runs, _ = run_choices(session)
+    initial_runs, _ = run_choices(session, live=False)
     with gr.Accordion("Resume from a checkpoint", open=False):
         with gr.Row():
             run_picker = gr.Dropdown(initial_runs, value=None, label="Run folder", scale=3, elem_id="lg-resume-run",
