@@ -151,6 +151,11 @@ def config_problem(count: int, gradient_checkpointing: bool, quantize: str) -> s
     return None
 
 
+def count_problem(count: int, available: int) -> str:
+    """The message for more swapped blocks than the model has."""
+    return f"model.block_swap = {count}, but the model has {available} repeated blocks. Set it to {available} or less."
+
+
 def attach_block_swap(denoiser: torch.nn.Module, count: int, device: torch.device, gradient_checkpointing: bool,
                       quantize: str, storage: torch.device | None = None) -> BlockSwap | None:
     """Swap the last ``count`` repeated blocks and move the rest of the denoiser to ``device``; None when count
@@ -165,8 +170,7 @@ def attach_block_swap(denoiser: torch.nn.Module, count: int, device: torch.devic
         raise BlockSwapError(f"model.block_swap: {type(denoiser).__name__} has no repeated transformer blocks to "
                              "swap (SD1.5 and SDXL UNets do not). Set model.block_swap = 0.")
     if count > len(blocks):
-        raise BlockSwapError(f"model.block_swap = {count}, but the model has {len(blocks)} repeated blocks. "
-                             f"Set it to {len(blocks)} or less.")
+        raise BlockSwapError(count_problem(count, len(blocks)))
     swap = BlockSwap(blocks[-count:], device, storage or torch.device("cpu"))
     _move_except(denoiser, device, {id(p) for parameters in swap.frozen.values() for p in parameters})
     return swap

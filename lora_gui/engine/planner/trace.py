@@ -150,14 +150,14 @@ def _extrapolated(family: ModelFamily, config: TrainingConfig, architecture: dic
 def _with_blocks_swapped(traced: StepTrace, config: TrainingConfig, architecture: dict) -> StepTrace:
     """A trace without block swap, changed as swapping model.block_swap blocks changes it: their frozen weights
     go to system memory, SLOTS buffers per block shape come onto the accelerator (counted as weights)."""
-    from lora_gui.engine.block_swap import config_problem
+    from lora_gui.engine.block_swap import config_problem, count_problem
     from lora_gui.engine.planner.swap import block_sizes, swap_sizes
 
     count = config.model.block_swap
     problem = config_problem(count, config.train.gradient_checkpointing, config.model.quantize)
     sizes = block_sizes(architecture, DTYPES.get(config.model.weight_dtype, torch.bfloat16))
     if problem is None and count > len(sizes):
-        problem = f"model.block_swap = {count}, but the model has {len(sizes)} repeated blocks. Set it to {len(sizes)} or less."
+        problem = count_problem(count, len(sizes))
     if problem:
         raise PlanError(problem)
     swap = swap_sizes(sizes, count)
