@@ -198,7 +198,7 @@ def test_start_refusals_say_what_to_do(tmp_path):
     assert "not a run folder under outputs" in train.resume_run(session, tab, form_values(tab), "datasets", "x")
     assert train.control(session, "pause").startswith("⚠ Pause is not possible while the run is idle")
     status, memory, *triggers = train.poll(session)
-    assert "Idle" in status and memory.startswith("GPU memory") and len(triggers) == len(run_view.GROUPS)
+    assert "Idle" in status and memory.startswith("GPU memory") and len(triggers) == len(run_view.GROUPS) + 1  # + the queue
     assert train.poll(session) == [status, memory, *triggers]  # nothing changed: the browser fetches nothing more
     controls = train.controls_panel(session)
     assert controls[5 + train.BUTTONS.index("start")]["interactive"] is True
@@ -309,7 +309,11 @@ def test_gradio_server_smoke(tmp_path):
         client = Client(url, verbose=False)
         with urllib.request.urlopen(url + "lora-gui/train-poll", timeout=10) as response:  # the timer's fetch
             status, memory, *triggers = json.loads(response.read())
-        assert "Failed" in status and memory.startswith("GPU memory") and len(triggers) == 4
+        assert "Failed" in status and memory.startswith("GPU memory") and len(triggers) == 5
+        assert triggers[-1].startswith("queue-")
+        queue_status, table, *_ = client.predict(None, api_name="/queue_panel")  # (the accordion is not returned)
+        assert "The queue is empty" in queue_status and table["data"] in ([], [["", "", "", ""]])
+        assert client.predict("no-such-run", api_name="/queue_remove").startswith("⚠ That run is no longer")
         loss, lr = client.predict(api_name="/train_plots")
         assert len(loss["data"]) == 4 and len(lr["data"]) == 2
         gallery = client.predict(api_name="/train_gallery")

@@ -7,6 +7,7 @@ It holds no module-level state, so several runners can live in one process.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,13 +59,16 @@ class TrainingRunner:
         self._controls = Controls()
         self._snapshot = RunSnapshot()
         self.output_dir: Path | None = None
-        # The app confines a run's dataset scan to its workspace (links out of it are left out).
-        self.confine_to: Path | None = None
+        # The app confines a run's dataset scan (links out of it are left out): the folder for a dataset folder.
+        self.confine_to: Callable[[Path], Path] | None = None
         self._changes = 0  # counts events recorded; see version()
         self._versioned: RunSnapshot | None = None
 
     # ------------------------------------------------------------------ commands
-    def start(self, config: TrainingConfig, resume_from: str | Path | None = None, overwrite: bool = False) -> None:
+    def start(self, config: TrainingConfig, resume_from: str | Path | None = None, overwrite: bool = False,
+              on_end: Callable[[RunSnapshot], None] | None = None) -> None:
+        """Train on the background thread; ``on_end`` gets the final snapshot on that thread when the run ends
+        (finished, stopped or failed)."""
         with self._lock:
             if self.is_active:
                 raise RunAlreadyActive("A training run is already in progress; stop it before starting another.")
@@ -78,7 +82,7 @@ class TrainingRunner:
                 self._snapshot.samples = earlier_samples(Path(config.output.dir), step, prompts)
             self.output_dir = Path(config.output.dir)
             self._thread = threading.Thread(
-                target=self._run, args=(config, resume_from, overwrite), name="lora-gui-training", daemon=True
+                target=self._run, args=(config, resume_from, overwrite, on_end), name="lora-gui-training", daemon=True
             )
             self._thread.start()
 
@@ -144,14 +148,15 @@ class TrainingRunner:
             )
 
     # ------------------------------------------------------------------ the thread
-    def _run(self, config: TrainingConfig, resume_from, overwrite: bool) -> None:
+    def _run(self, config: TrainingConfig, resume_from, overwrite: bool, on_end) -> None:
         from contextlib import nullcontext
 
         from lora_gui.data.scan import confined_to
         from lora_gui.engine.train import train
 
         try:
-            with confined_to(self.confine_to) if self.confine_to is not None else nullcontext():
+            confine = None if self.confine_to is None else self.confine_to(Path(config.dataset.dir))
+            with confined_to(confine) if confine is not None else nullcontext():
                 train(config, self._record, self._controls, resume_from=resume_from, overwrite=overwrite)
         except Exception:  # already reported through a Failed event
             pass
@@ -159,6 +164,8 @@ class TrainingRunner:
             with self._lock:
                 if self._snapshot.state in ("running", "paused", "stopping"):
                     self._snapshot.state = "failed" if self._snapshot.error else "stopped"
+            if on_end is not None:
+                on_end(self.snapshot())
 
     def _record(self, event: Event) -> None:
         with self._lock:

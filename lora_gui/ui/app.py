@@ -10,7 +10,7 @@ from pathlib import Path
 from lora_gui.ui.dataset_view import MAX_IMAGE_BYTES
 from lora_gui.ui.login import LoginGuard, login_options
 from lora_gui.ui.session import AppSession
-from lora_gui.ui.workspace import Workspace
+from lora_gui.ui.workspace import NotAFolder, Workspace
 
 TITLE = "LoRA GUI"
 # The largest file any upload box takes (an image); each handler checks its own, smaller limits.
@@ -31,8 +31,10 @@ def build_app(session: AppSession, notice: str | None = None):
     from lora_gui.ui.tabs import captions, config, dataset, test, train
 
     with AppBlocks(title=TITLE) as app:
+        extras = "".join(f", extra datasets (read-only): `{shown_path(folder)}`"
+                         for folder in session.workspace.extra_datasets)
         gr.Markdown(f"# {TITLE}\nTrain LoRA adapters for {family_labels()}. "
-                    f"Workspace: `{shown_path(session.workspace.root)}`")
+                    f"Workspace: `{shown_path(session.workspace.root)}`{extras}")
         if notice:
             gr.Markdown(notice, elem_id="launch-notice", elem_classes="lg-error")
         with gr.Tabs():
@@ -81,6 +83,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--auth", metavar="USER:PASS", help="require this user name and password")
     parser.add_argument("--workspace", default="workspace",
                         help="folder for datasets, outputs and caches (default ./workspace)")
+    parser.add_argument("--datasets", action="append", default=[], metavar="DIR",
+                        help="also offer the datasets in DIR, a folder outside the workspace (repeatable); the app "
+                             "only reads it (captions there are not edited). Not offered through --share or "
+                             "--listen unless --remote-datasets is given")
+    parser.add_argument("--remote-datasets", action="store_true",
+                        help="offer the --datasets folders to users coming through --share or --listen too")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     return parser.parse_args(argv)
 
@@ -117,7 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     if port_taken(host, args.port):  # said at once, before the app is built
         print(port_taken_message(args.port), file=sys.stderr)
         return 1
-    workspace = Workspace.create(Path(args.workspace))
+    extras, held_back = offered_datasets(args)
+    if held_back:
+        print(held_back, file=sys.stderr, flush=True)
+    try:
+        workspace = Workspace.create(Path(args.workspace), tuple(extras))
+    except NotAFolder as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     session = AppSession(workspace=workspace)
     app = build_app(session, notice=warning)
     if args.share and not args.auth:
@@ -132,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         print(port_taken_message(args.port), file=sys.stderr)
         return 1
     return 0
+
+
+def offered_datasets(args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """The --datasets folders the app may offer, and a note when they are held back from a network launch."""
+    remote = args.share or args.listen
+    if not args.datasets or not remote or args.remote_datasets:
+        return list(args.datasets), None
+    how = "--share" if args.share else "--listen"
+    return [], (f"note: the --datasets folders are not offered, because the app is reachable from other machines "
+                f"({how}). To offer them to everyone who can open the app, add --remote-datasets.")
 
 
 def port_taken(host: str, port: int) -> bool:

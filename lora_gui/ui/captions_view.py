@@ -67,7 +67,7 @@ Report = Callable[[Event], None]
 # This module's names, then the shared ones and the editor's and bulk edits' (re-exported for the tab).
 __all__ = [
     "DEFAULT_CAPTIONER", "DEFAULT_TEMPLATE", "MODE_CHOICES", "MAX_LENGTH", "MAX_BATCH", "SHOWN_FAILURES",
-    "Report", "resolve_folder", "captioner_choices", "captioner_fields", "resolve_model", "build_job",
+    "Report", "resolve_folder", "writable_folder", "captioner_choices", "captioner_fields", "resolve_model", "build_job",
     "CaptionJob", "describe_event", "summary_markdown",
     "EXTENSION", "MAX_FIELD", "CaptionsError",
     "EDITOR_HEADERS", "MAX_CAPTION", "MAX_ROWS", "PREVIEW_SIDE", "SaveResult", "caption_file", "check_rows",
@@ -81,11 +81,22 @@ __all__ = [
 
 
 def resolve_folder(workspace: Workspace, text: Any) -> Path:
-    """The dataset folder chosen on the Dataset tab, under datasets/ or outputs/ of the workspace."""
+    """The dataset folder chosen on the Dataset tab, under datasets/ or outputs/ of the workspace (or an extra
+    dataset folder, to read)."""
     try:
         return resolve_dataset(workspace, text)
     except DatasetViewError as exc:
         raise CaptionsError(f"{exc} (The Captions tab works on the folder chosen on the Dataset tab.)") from None
+
+
+def writable_folder(workspace: Workspace, text: Any) -> Path:
+    """The chosen dataset folder, to write captions into: refused for the extra dataset folders."""
+    root = resolve_folder(workspace, text)
+    if workspace.read_only(root):
+        raise CaptionsError(f"{md_code(str(root))} is an extra dataset folder (given with --datasets), which the app "
+                            f"only reads, so its captions are not changed. To edit them here, copy the folder into "
+                            f"{md_code(str(workspace.datasets))} and choose the copy on the Dataset tab.")
+    return root
 
 
 def captioner_choices() -> list[tuple[str, str]]:
@@ -186,7 +197,7 @@ class CaptionJob:
     def run(self, folder_text: Any, form: dict, report: Report | None = None, poll: float = 0.2) -> str:
         """Caption the folder on a worker thread; ``report`` gets the latest event on this thread."""
         workspace = self.session.workspace
-        root = resolve_folder(workspace, folder_text)
+        root = writable_folder(workspace, folder_text)
         captioner, options = build_job(workspace, form)
         if captioner.needs_device and self.session.runner.is_active:
             raise CaptionsError("A training run is using the GPU. Captioning models need it too: wait for the run "

@@ -50,7 +50,8 @@ class DatasetViewError(ValueError):
 
 
 def resolve_dataset(workspace: Workspace, text: Any) -> Path:
-    """A dataset folder the browser may see: inside the workspace's datasets or outputs, existing.
+    """A dataset folder the browser may see: inside the workspace's datasets or outputs or an extra dataset
+    folder given at launch, existing.
 
     Links are resolved first: a folder that is (or passes through) a link leading outside is refused."""
     if not isinstance(text, str) or not text.strip():
@@ -60,10 +61,10 @@ def resolve_dataset(workspace: Workspace, text: Any) -> Path:
         why = "it contains a NUL character" if "\x00" in text else f"{len(text)} characters, at most {MAX_FOLDER_TEXT}"
         raise DatasetViewError(f"That folder name is not valid ({why}); pick a folder from the list.")
     try:
-        path = workspace.resolve(text)
+        path = workspace.resolve_dataset(text)
         typed = Path(text.strip())
         if not path.exists() and not typed.is_absolute() and typed.parts[:1] not in (("datasets",), ("outputs",)):
-            path = workspace.resolve(text, under=workspace.datasets)  # "sample" means datasets/sample
+            path = workspace.resolve_dataset(text, under=workspace.datasets)  # "sample" means datasets/sample
         is_folder = path.is_dir()
     except OutsideWorkspace as exc:
         raise DatasetViewError(str(exc)) from None
@@ -109,14 +110,21 @@ def outside_note(folder: Path, confine: Path, where: str = "the workspace") -> s
             "Copy the files into the folder if they belong to the dataset.")
 
 
+def left_out_note(workspace: Workspace, folder: Path) -> str:
+    """``outside_note`` for a dataset folder, confined to the workspace or to its extra dataset folder."""
+    where = "the workspace" if workspace.contains(folder) else "the extra dataset folder"
+    return outside_note(folder, workspace.dataset_root(folder), where)
+
+
 def check_folder(workspace: Workspace, folder: Path, trigger: str | None, resolution: int,
                  progress: Progress | None = None) -> DatasetReport:
     """The dataset doctor's report, confined to the workspace: links leading outside are neither read nor
     listed (the CLI's ``dataset check`` follows them, on the user's own machine)."""
-    with confined_to(workspace.root):
+    with confined_to(workspace.dataset_root(folder)):
         report = check_dataset(folder, trigger=trigger, resolution=resolution, progress=progress)
     # a caption that was left out, or whose image was, is no orphan
-    left_out = {Path(_relative(link.path, folder)).with_suffix("") for link in outside_links(folder, workspace.root)}
+    left_out = {Path(_relative(link.path, folder)).with_suffix("")
+                for link in outside_links(folder, workspace.dataset_root(folder))}
     orphans = report.summary["orphan_captions"]
     kept = [name for name in orphans if Path(name).with_suffix("") not in left_out]
     if len(kept) != len(orphans):

@@ -241,9 +241,10 @@ def _relative_entry(entry: Any, workspace: Workspace) -> Any:
 
 
 def confined_path(key: str, value: str, workspace: Workspace) -> Path:
-    """A form path made absolute; ConfigError (naming ``key``) when it leads out of the workspace."""
+    """A form path made absolute; ConfigError (naming ``key``) when it leads out of the workspace (the dataset
+    folder may also be in an extra dataset folder)."""
     try:
-        return workspace.resolve(value)
+        return workspace.resolve_dataset(value) if key == "dataset.dir" else workspace.resolve(value)
     except (OutsideWorkspace, OSError, ValueError) as exc:
         raise ConfigError(f"{key}: {exc}") from None
 

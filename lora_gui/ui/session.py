@@ -1,4 +1,4 @@
-"""What the app process owns: the workspace, the one training runner, and facts about the machine.
+"""What the app process owns: the workspace, the one training runner, the run queue, and facts about the machine.
 
 One ``AppSession`` is created per app process and handed to every tab; nothing lives in module
 globals, so tests can build several apps side by side. Browser tabs come and go; the session stays.
@@ -12,6 +12,7 @@ from functools import cached_property
 from typing import Any
 
 from lora_gui.engine.runner import TrainingRunner
+from lora_gui.ui.run_queue import QUEUE_FILE, RunQueue
 from lora_gui.ui.run_view import SharedView
 from lora_gui.ui.workspace import Workspace
 
@@ -39,8 +40,21 @@ class AppSession:
     # The config of the last Start/Resume, used to name the next preset down after an out-of-memory error.
     train_started_config: Any = None
 
+    run_queue: RunQueue = field(init=False)
+
     def __post_init__(self) -> None:
-        self.runner.confine_to = self.workspace.root  # trains on exactly what the Dataset tab shows
+        self.runner.confine_to = self.workspace.dataset_root  # trains on exactly what the Dataset tab shows
+        self.run_queue = RunQueue(self.workspace.state / QUEUE_FILE, self.runner, self.prepare_queued_run,
+                                  self.record_start)
+
+    def prepare_queued_run(self, config):
+        """A queued config as it will train, checked again as Start checks it (folders may have changed)."""
+        from lora_gui.ui.run_start import prepare_new_run
+
+        return prepare_new_run(self, config)
+
+    def record_start(self, config) -> None:
+        self.train_started_config = config
 
     @cached_property
     def gpu(self) -> GpuInfo | None:

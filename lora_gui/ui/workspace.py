@@ -25,13 +25,27 @@ def clip(value: object, limit: int = MAX_SHOWN) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+class NotAFolder(ValueError):
+    """An extra dataset folder given at launch that is not a folder."""
+
+
 @dataclass(frozen=True)
 class Workspace:
     root: Path
+    # Dataset folders outside the workspace (``lora-gui --datasets DIR``): listed, shown and trained on, never
+    # written to (captions, uploads and caches go elsewhere or are refused).
+    extra_datasets: tuple[Path, ...] = ()
 
     @classmethod
-    def create(cls, root: str | Path) -> Workspace:
-        workspace = cls(Path(root).expanduser().resolve())
+    def create(cls, root: str | Path, extra_datasets: tuple[str | Path, ...] = ()) -> Workspace:
+        extras = []
+        for given in extra_datasets:
+            folder = Path(given).expanduser().resolve()
+            if not folder.is_dir():
+                raise NotAFolder(f"--datasets {given}: {folder} is not a folder. Give a folder that holds a dataset "
+                                 "(or folders of datasets), for example --datasets ~/pictures/datasets.")
+            extras.append(folder)
+        workspace = cls(Path(root).expanduser().resolve(), tuple(dict.fromkeys(extras)))
         for folder in (workspace.datasets, workspace.outputs, workspace.cache, workspace.configs):
             folder.mkdir(parents=True, exist_ok=True)
         return workspace
@@ -58,13 +72,53 @@ class Workspace:
         return self.root / ".lora-gui"
 
     def allowed_paths(self) -> list[str]:
-        """Folders whose files the browser may fetch: datasets and outputs, nothing else."""
-        return [str(self.datasets), str(self.outputs)]
+        """Folders whose files the browser may fetch: datasets, outputs and the extra dataset folders."""
+        return [str(self.datasets), str(self.outputs), *map(str, self.extra_datasets)]
 
     def resolve(self, text: str | Path, under: Path | None = None) -> Path:
         """A user-given path, relative to ``under`` (default the workspace), refused if it leaves the workspace.
 
         Links are resolved first, so a link inside the workspace that points outside is refused too."""
+        path = self._absolute(text, under)
+        if not self.contains(path):
+            raise OutsideWorkspace(
+                f"{clip(text)} is outside the workspace {self.root} (links are followed: a link that points "
+                "outside counts as outside). Put the folder inside the workspace (for example under datasets/)"
+                f"{self._outside_advice()}."
+            )
+        return path
+
+    def resolve_dataset(self, text: str | Path, under: Path | None = None) -> Path:
+        """Like ``resolve``, and also a folder in one of the extra dataset folders (which the app only reads)."""
+        path = self._absolute(text, under)
+        if self.contains(path) or self.extra_root(path) is not None:
+            return path
+        return self.resolve(text, under)  # refused, with the message
+
+    def extra_root(self, path: Path) -> Path | None:
+        """The extra dataset folder ``path`` (links resolved) is in, or None."""
+        try:
+            resolved = Path(path).resolve()
+        except (OSError, RuntimeError):
+            return None
+        return next((folder for folder in self.extra_datasets if resolved.is_relative_to(folder)), None)
+
+    def read_only(self, path: Path) -> bool:
+        """Whether ``path`` is in an extra dataset folder (outside the workspace), which the app never writes."""
+        return not self.contains(path) and self.extra_root(path) is not None
+
+    def dataset_root(self, path: Path) -> Path:
+        """The folder a scan of the dataset ``path`` is confined to: its extra dataset folder, else the workspace."""
+        return self.extra_root(path) if self.read_only(path) else self.root
+
+    def _outside_advice(self) -> str:
+        if self.extra_datasets:
+            listed = ", ".join(str(folder) for folder in self.extra_datasets)
+            return f"; datasets may also be in the extra dataset folders given at launch: {listed}"
+        return (", start the app with --workspace pointing at its parent, or add the folder with "
+                "--datasets DIR (read-only)")
+
+    def _absolute(self, text: str | Path, under: Path | None) -> Path:
         raw_text = str(text)
         if "\x00" in raw_text or len(raw_text) > MAX_PATH_CHARS:
             raise BadPath(f"{clip(raw_text)} is not a usable path (too long, or it contains a NUL character). "
@@ -76,12 +130,6 @@ class Workspace:
         except (OSError, RuntimeError) as exc:  # e.g. ~unknown-user, a link loop
             raise BadPath(f"{clip(raw_text)} can't be used as a path ({exc.__class__.__name__}). Pick a folder "
                           "from the list, or type a path such as datasets/my-set.") from None
-        if not self.contains(path):
-            raise OutsideWorkspace(
-                f"{clip(raw_text)} is outside the workspace {self.root} (links are followed: a link that points "
-                "outside counts as outside). Put the folder inside the workspace (for example under datasets/) or "
-                "start the app with --workspace pointing at its parent."
-            )
         return path
 
     def contains(self, path: str | Path) -> bool:
@@ -98,7 +146,19 @@ class Workspace:
             return str(path)
 
     def list_datasets(self) -> list[str]:
-        return self._folders(self.datasets)
+        """The workspace's datasets, then each extra dataset folder (if it holds images itself) and its folders."""
+        from lora_gui.data.scan import IMAGE_EXTENSIONS
+
+        listed = self._folders(self.datasets)
+        for extra in self.extra_datasets:
+            try:
+                has_images = any(entry.suffix.lower() in IMAGE_EXTENSIONS for entry in extra.iterdir())
+                listed += ([str(extra)] if has_images else []) + sorted(
+                    str(entry.resolve()) for entry in extra.iterdir()
+                    if not entry.name.startswith(".") and entry.is_dir() and self.extra_root(entry) is not None)
+            except OSError:  # gone or unreadable since launch: nothing to list
+                continue
+        return listed
 
     def list_runs(self) -> list[str]:
         return self._folders(self.outputs)

@@ -122,7 +122,7 @@ def build(session: AppSession, dataset_tab) -> None:
         return {preview: image, selected_caption: caption or "", selected: name}
 
     def save(folder_text, rows, snapshot, edits: dict) -> dict:
-        root = V.resolve_folder(workspace, folder_text)
+        root = V.writable_folder(workspace, folder_text)
         job.check_idle(root)
         result = V.save_edits(root, edits, snapshot or {})
         rows, snapshot = V.merge_saved(rows, snapshot or {}, result)
@@ -148,13 +148,13 @@ def build(session: AppSession, dataset_tab) -> None:
         return {changes: rows, pending: edit if edit.changes else None, bulk_message: message}
 
     def on_apply(folder_text, edit):
-        root = V.resolve_folder(workspace, folder_text)
+        root = V.writable_folder(workspace, folder_text)
         job.check_idle(root)
         message = V.apply_bulk(edit, root)
         return {**editor(root), changes: [], pending: None, bulk_message: message}
 
     def on_undo(folder_text):
-        root = V.resolve_folder(workspace, folder_text)
+        root = V.writable_folder(workspace, folder_text)
         job.check_idle(root)
         message = V.undo_bulk(root)
         return {**editor(root), changes: [], pending: None, bulk_message: message}
@@ -195,4 +195,8 @@ def _show_progress(progress, event) -> None:
 
 
 def _folder_text(workspace, root) -> str:
-    return f"Dataset folder: {V.md_code(workspace.relative(root))} (choose another on the Dataset tab)."
+    text = f"Dataset folder: {V.md_code(workspace.relative(root))} (choose another on the Dataset tab)."
+    if workspace.read_only(root):
+        text += (" It is an extra dataset folder (--datasets): the app only reads it, so captioning and edits are "
+                 "refused; copy it into datasets/ to change its captions.")
+    return text

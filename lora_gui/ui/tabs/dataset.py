@@ -85,9 +85,9 @@ def build(session: AppSession, panel: gr.Tab | None = None) -> DatasetTab:
 
     def show(path: Path, progress=None) -> dict:
         items, note = V.gallery_items(path, thumbnails, progress=_reporter(progress, "Loaded"),
-                                      confine=workspace.root)
+                                      confine=workspace.dataset_root(path))
         relative = workspace.relative(path)
-        left_out = V.outside_note(path, workspace.root)
+        left_out = V.left_out_note(workspace, path)
         return {gallery: items, message: _joined(f"{V.md_code(relative)}: {note}", left_out), shown: relative,
                 existing: _choices(workspace, path),
                 summary: NOT_CHECKED, histogram: no_buckets(),
@@ -100,7 +100,7 @@ def build(session: AppSession, panel: gr.Tab | None = None) -> DatasetTab:
         relative = workspace.relative(path)
         rows = pd.DataFrame(V.report_rows(report), columns=V.TABLE_HEADERS)
         buckets = pd.DataFrame(V.bucket_rows(report), columns=BUCKET_COLUMNS)
-        left_out = V.outside_note(path, workspace.root)
+        left_out = V.left_out_note(workspace, path)
         return {summary: _joined(V.summary_markdown(report), left_out, sep="\n\n"), table: rows,
                 histogram: buckets, gallery: items, shown: relative,
                 message: _joined(f"Checked {V.md_code(relative)}: {note}", left_out)}

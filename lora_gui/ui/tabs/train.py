@@ -34,13 +34,11 @@ from lora_gui.engine.runner import RunAlreadyActive
 from lora_gui.ui import run_view, runs
 from lora_gui.ui.comparison import release_cached_pipeline
 from lora_gui.ui.light_routes import JsonRoute
+from lora_gui.ui.run_start import StartRefused, confine_paths
+from lora_gui.ui.tabs import queue_panel
 from lora_gui.ui.workspace import OutsideWorkspace, clip
 
 BUTTONS = ("start", "resume_checkpoint", "pause", "continue", "stop", "sample", "save")
-
-
-class StartRefused(ValueError):
-    """Start or Resume cannot go ahead; the message says what to do."""
 
 
 # ----------------------------------------------------------------------------- starting
@@ -53,26 +51,7 @@ def read_config(session, config_tab, values: dict) -> TrainingConfig:
         config = config_tab.to_config({c: v for c, v in values.items() if c in inputs})
     except ConfigError as exc:
         raise StartRefused(f"{exc}\n\nFix it on the Config tab, then press Start again.") from None
-    return confine_paths(session, config)
-
-
-def confine_paths(session, config: TrainingConfig) -> TrainingConfig:
-    workspace = session.workspace
-    try:
-        output = workspace.resolve(config.output.dir)
-        dataset = workspace.resolve(config.dataset.dir) if config.dataset.dir.strip() else None
-        cache = workspace.resolve(config.dataset.cache_dir) if config.dataset.cache_dir else None
-    except OutsideWorkspace as exc:
-        raise StartRefused(str(exc)) from None
-    if output == workspace.outputs or not output.is_relative_to(workspace.outputs):
-        raise StartRefused(f"output.dir must be a folder under {workspace.outputs} (for example outputs/my-lora), "
-                           "so the app can show its images; change it on the Config tab.")
-    if dataset is None or not dataset.is_dir():
-        raise StartRefused(f"dataset.dir {config.dataset.dir!r} is not a folder; pick a dataset on the Config tab.")
-    config = config.model_copy(deep=True)
-    config.output.dir, config.dataset.dir = str(output), str(dataset)
-    config.dataset.cache_dir = None if cache is None else str(cache)
-    return config
+    return confine_paths(session.workspace, config)
 
 
 def start_run(session, config_tab, values: dict, overwrite: bool = False) -> str:
@@ -223,9 +202,9 @@ def _render(session, previous: run_view.RunView | None, now: float) -> run_view.
 
 
 def poll(session) -> list:
-    """The timer's outputs: status line, memory line, and the version string of each panel group."""
+    """The timer's outputs: status line, memory line, the version string of each panel group and the queue's."""
     view = current_view(session)
-    return [view.status, view.memory, *view.triggers()]
+    return [view.status, view.memory, *view.triggers(), queue_panel.version(session, view.nonce)]
 
 
 def plots_panel(session) -> list:
@@ -283,6 +262,7 @@ def build(session, config_tab) -> list[JsonRoute]:
     with gr.Row():
         buttons = {
             "start": gr.Button("Start", variant="primary"),
+            "queue": gr.Button("Add to queue"),
             "pause": gr.Button("Pause", interactive=False),
             "continue": gr.Button("Continue", interactive=False),
             "stop": gr.Button("Stop", variant="stop", interactive=False),
@@ -300,7 +280,8 @@ def build(session, config_tab) -> list[JsonRoute]:
             checkpoint = gr.Dropdown([], label="Checkpoint", scale=2, elem_id="lg-resume-checkpoint")
             refresh = gr.Button("Refresh", scale=1)
             buttons["resume_checkpoint"] = gr.Button("Resume", variant="primary", scale=1)
-    message = gr.Markdown()
+    queue_trigger = queue_panel.build(session, config_tab, buttons.pop("queue"))
+    message = gr.Markdown(elem_id="lg-train-message")
     error = gr.Markdown(visible=False, elem_classes=["lg-error"])
     with gr.Accordion("Error details", open=False, visible=False) as details_box:
         details = gr.Textbox(show_label=False, lines=12, max_lines=30, interactive=False)
@@ -319,7 +300,7 @@ def build(session, config_tab) -> list[JsonRoute]:
     timer = gr.Timer(POLL_S)
 
     button_list = [buttons[name] for name in BUTTONS]
-    poll_outputs = [status, memory, *triggers.values()]
+    poll_outputs = [status, memory, *triggers.values(), queue_trigger]
     quiet = {"show_progress": "hidden", "queue": False}
     poll_route = JsonRoute("train-poll", lambda: poll(session))
     # The timer runs only in the browser: it fetches poll_route and sets the outputs (its inputs are the
