@@ -158,7 +158,7 @@ class Workspace:
                     if not entry.name.startswith(".") and entry.is_dir() and self.extra_root(entry) is not None)
             except OSError:  # gone or unreadable since launch: nothing to list
                 continue
-        return listed
+        return list(dict.fromkeys(listed))
 
     def list_runs(self) -> list[str]:
         return self._folders(self.outputs)
