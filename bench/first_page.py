@@ -1,5 +1,6 @@
 """Seconds from launching the app to its first page: ``python app.py`` in a fresh process, until the page
-and its config (what the browser fetches first) answer.
+and its config (what the browser fetches first) answer. For scale, it also times ``import gradio`` alone in a
+fresh process (the part no change to the app can shorten) and reports the app's own share (the difference).
 
     python bench/first_page.py               # 3 launches, one line each and the median
     python bench/first_page.py --runs 5
@@ -47,17 +48,28 @@ def first_page_seconds(workspace: Path) -> float:
         process.wait(timeout=30)
 
 
+def gradio_import_seconds() -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import gradio"], check=True)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        times = []
+        times, imports = [], []
         for run in range(args.runs):
             seconds = first_page_seconds(Path(folder) / "workspace")
+            imported = gradio_import_seconds()
             times.append(seconds)
-            print(f"launch {run + 1}: first page after {seconds:.2f} s", flush=True)
-    print(f"median {statistics.median(times):.2f} s over {len(times)} launches")
+            imports.append(imported)
+            print(f"launch {run + 1}: first page after {seconds:.2f} s; import gradio alone {imported:.2f} s",
+                  flush=True)
+    page, gradio = statistics.median(times), statistics.median(imports)
+    print(f"median over {len(times)} launches: first page {page:.2f} s, import gradio alone {gradio:.2f} s, "
+          f"the app's own share {page - gradio:.2f} s")
 
 
 if __name__ == "__main__":

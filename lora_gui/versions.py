@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -54,8 +55,22 @@ class TorchBuild:
         return f"{text}, GPU {self.gpu}"
 
 
+# On Linux a CUDA (or ROCm) device needs its driver: NVIDIA's, AMD's kfd, or WSL's GPU bridge.
+GPU_DRIVER_MARKERS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
+def no_gpu_driver() -> bool:
+    """Whether this is a Linux machine with no GPU driver at all, so torch need not be imported to know."""
+    return sys.platform.startswith("linux") and not any(os.path.exists(marker) for marker in GPU_DRIVER_MARKERS)
+
+
 def torch_build() -> TorchBuild | None:
-    """PyTorch's version, CUDA build and visible GPU; None when torch is not installed."""
+    """PyTorch's version, CUDA build and visible GPU; None when torch is not installed. Without a GPU driver
+    it is read from torch's version file instead of importing torch (seconds)."""
+    if "torch" not in sys.modules and no_gpu_driver():
+        written = _torch_version_file()
+        if written is not None:
+            return TorchBuild(written.get("__version__", "?"), written.get("cuda"), None, None)
     try:
         import torch
     except ImportError:
@@ -67,6 +82,26 @@ def torch_build() -> TorchBuild | None:
         gpu = f"{torch.cuda.get_device_name(0)} (sm_{major}{minor})"
         supported = gpu_supported_by_build(major, minor, torch.cuda.get_arch_list())
     return TorchBuild(torch.__version__, cuda, gpu, supported)
+
+
+def _torch_version_file() -> dict | None:
+    """The constants of an installed torch's ``version.py`` (``__version__``, ``cuda``), or None."""
+    import ast
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        folder = Path(next(iter(spec.submodule_search_locations or [])))
+        tree = ast.parse((folder / "version.py").read_text(encoding="utf-8"))
+    except (ImportError, StopIteration, AttributeError, OSError, SyntaxError, ValueError):
+        return None
+    found = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        value = getattr(node, "value", None)
+        if isinstance(target, ast.Name) and isinstance(value, ast.Constant):
+            found[target.id] = value.value
+    return found if "__version__" in found else None
 
 
 def gpu_supported_by_build(major: int, minor: int, arch_list: list[str]) -> bool:

@@ -1,8 +1,9 @@
 """The whole workflow in a real browser: Debian's Chromium driven by Playwright against `python app.py`.
 
 Sample dataset → doctor → template captions → CPU preset with a built-in tiny model → a few training
-steps with sampling → stop → a 2x2 checkpoint x scale grid on the Test tab. A screenshot of each step
-is kept in $LORA_GUI_TEST_ARTIFACTS (default test-artifacts/e2e).
+steps with sampling → reload mid-run → pause, a grid of the weights in memory → stop → a 2x2 checkpoint x
+scale grid on the Test tab → a queue of two runs → hostile numbers. A screenshot of each step is kept in
+$LORA_GUI_TEST_ARTIFACTS (default test-artifacts/e2e).
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     expect(second.get_by_text(re.compile(r"Running · step \d+ / 400"))).to_be_visible(timeout=30_000)
     expect(second.get_by_role("button", name="Start", exact=True)).to_be_disabled()
     second.close()
+    paused_run_grid(page, expect, shots)
     page.get_by_role("button", name="Stop", exact=True).click()
     expect(page.get_by_text(re.compile(r"\bstopped\b", re.I)).first).to_be_visible(timeout=LONG)
     screenshot(page, shots / "04-train.png")
@@ -186,8 +188,76 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
         width, height = grid.size
     assert width == 96 + 2 * 64 and height == 28 + 2 * 64  # label margins + 2 columns x 2 rows of 64 px
 
-    # 6. Hostile values in every number field of the Config tab: each is named with its range.
+    # 6. A queue of two runs (a third is queued, moved and removed), still there after a reload.
+    queue_two_runs(page, expect, workspace, shots)
+
+    # 7. Hostile values in every number field of the Config tab: each is named with its range.
     hostile_numbers(page, expect, shots)
+
+
+def paused_run_grid(page, expect, shots: Path) -> None:
+    """Pause; the Test tab renders the paused run's weights in memory at two scales; Continue."""
+    page.get_by_role("button", name="Pause", exact=True).click()
+    expect(page.get_by_text(re.compile(r"Paused · step \d+ / 400"))).to_be_visible(timeout=LONG)
+    page.get_by_role("tab", name="Test").click()
+    page.get_by_role("button", name="Refresh", exact=True).last.click()
+    current = page.get_by_role("checkbox", name=re.compile(r"^current weights \(step \d+\)$"))
+    expect(current).to_be_visible(timeout=30_000)
+    rows = page.get_by_role("checkbox", name=re.compile(r"^(no LoRA|step \d+|final LoRA|current weights .*)$"))
+    for index in range(rows.count()):
+        rows.nth(index).uncheck()
+    current.check()
+    field(page, "LoRA scales (columns)").fill("0, 1")
+    page.get_by_role("button", name="Render").click()
+    expect(page.get_by_text(re.compile(r"Rendered 1 × 2"))).to_be_visible(timeout=LONG)
+    screenshot(page, shots / "04c-paused-current-weights.png")
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_role("button", name="Continue", exact=True).click()
+    expect(page.get_by_text(re.compile(r"Running · step \d+ / 400"))).to_be_visible(timeout=30_000)
+
+
+def queue_run(page, expect, name: str) -> None:
+    page.get_by_role("tab", name="Config").click()
+    type_into(page, "Name", name)
+    type_into(page, "Output folder", f"outputs/{name}")
+    field(page, "Output folder").press("Tab")
+    expect(page.get_by_text("Config is valid")).to_be_visible(timeout=30_000)
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_role("button", name="Add to queue").click()
+    expect(page.locator("#lg-queue-table")).to_contain_text(name, timeout=30_000)
+
+
+def queue_two_runs(page, expect, workspace: Path, shots: Path) -> None:
+    page.get_by_role("tab", name="Config").click()
+    set_number(page, "Max steps", 4)
+    set_number(page, "Save every N steps", 0)
+    set_number(page, "Sample every N steps", 0)
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_text("Queue: line runs up").click()
+    page.get_by_role("button", name="Hold queue").click()  # line them up and order them before they start
+    expect(page.locator("#lg-queue-status")).to_contain_text("Held", timeout=30_000)
+    for name in ("queued-a", "queued-b", "queued-c"):
+        queue_run(page, expect, name)
+    table = page.locator("#lg-queue-table")
+    choose(page, "Queued run", re.compile(r"^#3 queued-c"))
+    page.get_by_role("button", name="Move up").click()
+    expect(page.locator("#lg-queue-message")).to_contain_text("Moved up.", timeout=30_000)
+    choose(page, "Queued run", re.compile(r"^#3 queued-b"))
+    page.get_by_role("button", name="Remove").click()
+    expect(page.locator("#lg-queue-message")).to_contain_text("Removed from the queue", timeout=30_000)
+    screenshot(page, shots / "07a-queue-lined-up.png")
+    page.get_by_role("button", name="Start queue").click()
+    both_finished = re.compile(r"queued-a[^\n]*finished at step 4[\s\S]*queued-c[^\n]*finished at step 4")
+    expect(table).to_contain_text(both_finished, timeout=LONG)
+    shown = table.inner_text()
+    assert shown.index("queued-a") < shown.index("queued-c") and "queued-b" not in shown
+    for name in ("queued-a", "queued-c"):
+        assert (workspace / "outputs" / name / f"{name}.safetensors").is_file()
+    assert not (workspace / "outputs" / "queued-b").exists()
+    page.reload()  # the queue is the app's: a reload shows it
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#lg-queue-table")).to_contain_text(both_finished, timeout=30_000)
+    screenshot(page, shots / "07-queue-finished.png")
 
 
 def hostile_numbers(page, expect, shots: Path) -> None:

@@ -307,7 +307,9 @@ def _render(session, request: ComparisonRequest, progress: Progress | None):
 
     paths = [CURRENT_WEIGHTS if choice.value == CURRENT else None if choice.path is None else str(choice.path)
              for choice in request.loras]
-    labels = [choice.label for choice in request.loras]
+    # the grid's row labels are narrow beside small images: "now (step N)" for the weights in memory
+    labels = [choice.label.replace("current weights", "now") if choice.value == CURRENT else choice.label
+              for choice in request.loras]
     if session.runner.is_active:
         return _render_on_active_run(session.runner, request, paths, labels, progress), "the paused run's model"
     if progress:

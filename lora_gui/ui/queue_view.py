@@ -23,6 +23,7 @@ class QueuePanel:
     status: str
     held: bool
     has_done: bool
+    counts: dict[str, int]  # runs per state
 
 
 def add_to_queue(session, config) -> str:
@@ -76,9 +77,9 @@ def clear_done(session) -> str:
 def start_queue(session) -> str:
     queue = session.run_queue
     waiting = queue.waiting()
-    if not waiting:
-        return "⚠ Nothing is waiting in the queue: set up a run on the Config tab, then press Add to queue."
     queue.release()
+    if not waiting:
+        return "The queue runs: each run you add starts when the one before it ends (nothing is waiting now)."
     if session.runner.is_active:
         return f"The queue runs again: {waiting} run(s) start one after another when the current run ends."
     return f"The queue runs again: {waiting} run(s), one after another, starting now."
@@ -86,7 +87,8 @@ def start_queue(session) -> str:
 
 def hold_queue(session) -> str:
     session.run_queue.hold("you held it")
-    return "The queue is held: the run training now goes on, the waiting ones wait until you press Start queue."
+    return ("The queue is held: a run training now goes on; queued runs wait until you press Start queue, so you can "
+            "line them up and order them first.")
 
 
 def _entry_id(value) -> str:
@@ -100,12 +102,17 @@ def panel(queue) -> QueuePanel:
     table = [[row.position, STATE_MARKS.get(row.state, row.state), row.label, clip(row.detail, 300)] for row in rows]
     choices = [(f"#{row.position} {row.label} ({row.state})", row.id) for row in rows]
     waiting = sum(row.state == "waiting" for row in rows)
-    if not rows:
+    if not rows and not queue.held:
         status = "The queue is empty. Set up a run on the Config tab and press **Add to queue** to line it up."
     elif queue.held and waiting:
         status = f"**Held** ({queue.hold_reason}): {waiting} waiting. Press **Start queue** to run them."
+    elif queue.held:
+        status = f"**Held** ({queue.hold_reason}): runs you add wait until you press **Start queue**."
     elif waiting:
         status = f"{waiting} waiting: each starts when the run before it ends."
     else:
         status = "Nothing waiting."
-    return QueuePanel(table, choices, status, queue.held, any(row.state in DONE_STATES for row in rows))
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.state] = counts.get(row.state, 0) + 1
+    return QueuePanel(table, choices, status, queue.held, any(row.state in DONE_STATES for row in rows), counts)

@@ -15,6 +15,7 @@ from lora_gui.engine.runner import TrainingRunner
 from lora_gui.ui.run_queue import QUEUE_FILE, RunQueue
 from lora_gui.ui.run_view import SharedView
 from lora_gui.ui.workspace import Workspace
+from lora_gui.versions import no_gpu_driver
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ class AppSession:
 
 
 def detect_gpu() -> GpuInfo | None:
-    """The first CUDA GPU, or None. Imports torch, so call it lazily."""
+    """The first CUDA GPU, or None. Imports torch (seconds) unless no GPU driver is installed."""
+    if no_gpu_driver():
+        return None
     try:
         import torch
     except ImportError:

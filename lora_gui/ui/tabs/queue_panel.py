@@ -25,8 +25,13 @@ def add_run(session, config_tab, values: dict) -> str:
         return f"⚠ {exc}"
 
 
-def title(waiting: int) -> str:
-    return f"Queue: {waiting} run(s) waiting" if waiting else "Queue: line runs up to start one after another"
+def title(panel: queue_view.QueuePanel | None) -> str:
+    counts = {} if panel is None else panel.counts
+    shown = [f"{counts[state]} {state}" for state in ("running", "waiting") if counts.get(state)]
+    ended = sum(count for state, count in counts.items() if state not in ("running", "waiting"))
+    if ended:
+        shown.append(f"{ended} ended")
+    return f"Queue: {', '.join(shown)}" if shown else "Queue: line runs up to start one after another"
 
 
 def version(session, nonce: str) -> str:
@@ -36,7 +41,7 @@ def version(session, nonce: str) -> str:
 def build(session, config_tab, add_button: gr.Button) -> gr.Textbox:
     """The panel (an accordion, opened when something is queued); returns the hidden textbox the Train tab's
     poll sets to the queue's version."""
-    with gr.Accordion(title(0), open=False, elem_id="lg-queue") as accordion:
+    with gr.Accordion(title(None), open=False, elem_id="lg-queue") as accordion:
         message = gr.Markdown(elem_id="lg-queue-message")
         status = gr.Markdown(elem_id="lg-queue-status")
         table = gr.Dataframe(headers=queue_view.TABLE_HEADERS, interactive=False, wrap=True,
@@ -49,18 +54,19 @@ def build(session, config_tab, add_button: gr.Button) -> gr.Textbox:
             remove = gr.Button("Remove", scale=1)
         with gr.Row():
             start = gr.Button("Start queue", interactive=False)
-            hold = gr.Button("Hold queue", interactive=False)
+            hold = gr.Button("Hold queue", interactive=False)  # held, added runs wait to be ordered
             clear = gr.Button("Clear ended runs", interactive=False)
     trigger = gr.Textbox(visible="hidden", interactive=False, container=False, show_label=False)
     outputs = [accordion, status, table, picker, start, hold, clear]
 
-    def shown(chosen=None) -> list:
+    def shown(chosen=None, opened: bool | None = None) -> list:
         panel = queue_view.panel(session.run_queue)
         ids = [entry_id for _, entry_id in panel.choices]
-        waiting = sum(row[1].endswith("waiting") for row in panel.rows)
-        return [gr.update(label=title(waiting)), panel.status, panel.rows,
+        accordion_update = gr.update(label=title(panel)) if opened is None else gr.update(label=title(panel),
+                                                                                           open=opened)
+        return [accordion_update, panel.status, panel.rows,
                 gr.update(choices=panel.choices, value=chosen if chosen in ids else None),
-                gr.update(interactive=panel.held and waiting), gr.update(interactive=not panel.held and waiting),
+                gr.update(interactive=panel.held), gr.update(interactive=not panel.held),
                 gr.update(interactive=panel.has_done)]
 
     def command(action):
@@ -73,7 +79,7 @@ def build(session, config_tab, add_button: gr.Button) -> gr.Textbox:
 
     quiet = {"show_progress": "hidden"}
     add_button.click(lambda data: add_run(session, config_tab, data), config_tab.inputs(), message,
-                     api_name="queue_add").then(lambda chosen: [gr.update(open=True), *shown(chosen)[1:]], picker,
+                     api_name="queue_add").then(lambda chosen: shown(chosen, opened=True), picker,
                                                 outputs, api_visibility="undocumented", **quiet)
     actions = {up: ("queue_up", lambda chosen: queue_view.move(session, chosen, -1)),
                down: ("queue_down", lambda chosen: queue_view.move(session, chosen, 1)),
@@ -86,5 +92,7 @@ def build(session, config_tab, add_button: gr.Button) -> gr.Textbox:
             shown, picker, outputs, api_visibility="undocumented", **quiet)
     trigger.change(shown, picker, outputs, api_name="queue_panel", queue=False, **quiet)
     if Context.root_block is not None:
-        Context.root_block.load(shown, None, outputs, api_visibility="undocumented")
+        # a page load opens the panel when something is queued or has run from the queue
+        Context.root_block.load(lambda: shown(opened=bool(session.run_queue.rows()) or None), None, outputs,
+                                api_visibility="undocumented")
     return trigger

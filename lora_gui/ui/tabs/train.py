@@ -349,7 +349,9 @@ def build(session, config_tab) -> list[JsonRoute]:
         then_poll(buttons[action].click(lambda action=action: control(session, action), None, message,
                                         api_name=f"train_{action}"))
     refresh.click(on_refresh, run_picker, [run_picker, checkpoint], api_name="train_checkpoints")
-    if Context.root_block is not None:  # a page load lists the runs there are now, the live one chosen
+    if Context.root_block is not None:  # a page load lists the runs there are now, the live one chosen,
         Context.root_block.load(lambda: on_refresh(None), None, [run_picker, checkpoint],
                                 api_visibility="undocumented")
+        # and shows the run's state at once, not at the first tick
+        Context.root_block.load(lambda: poll(session), None, poll_outputs, api_visibility="undocumented", **quiet)
     return [poll_route]
