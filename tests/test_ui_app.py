@@ -114,8 +114,12 @@ def test_a_busy_port_is_named_with_the_option_to_change_it(tmp_path):
 
 def test_the_page_is_built_without_the_model_libraries(tmp_path):
     """diffusers, transformers and peft take seconds to import: the page does not need them, so they load
-    when a model does (torch comes for the GPU check and the versions panel)."""
+    when a model does. torch is needed for the GPU check, except on a machine with no GPU driver (as here)."""
     import sys
+
+    from lora_gui.versions import no_gpu_driver
+
+    expected = "[]" if no_gpu_driver() else None
 
     script = (
         "import sys\n"
@@ -125,7 +129,20 @@ def test_the_page_is_built_without_the_model_libraries(tmp_path):
         f"build_app(AppSession(workspace=Workspace.create({str(tmp_path / 'ws')!r})))\n"
         "print(sorted(name for name in ('diffusers', 'transformers', 'peft', 'bitsandbytes', 'optimum.quanto')"
         " if name in sys.modules))\n"
+        "print(sorted(name for name in ('torch',) if name in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+    model_libraries, torch = done.stdout.strip().splitlines()[-2:]
+    assert model_libraries == "[]", done.stdout
+    if expected is not None:
+        assert torch == expected, "torch was imported to build the page on a machine without a GPU driver"
+
+
+def test_the_torch_build_read_from_its_version_file_is_the_imported_one():
+    import torch
+
+    from lora_gui.versions import _torch_version_file
+
+    written = _torch_version_file()
+    assert written["__version__"] == torch.__version__ and written["cuda"] == torch.version.cuda
