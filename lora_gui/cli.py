@@ -128,7 +128,13 @@ def run_init_config(args) -> int:
 def run_train(args) -> int:
     from lora_gui.cli_progress import ProgressPrinter
     from lora_gui.config import build_config
+    from lora_gui.engine.launch_env import launch_from_environment, several_processes_message
 
+    launch = launch_from_environment()
+    if launch.world_size > 1:  # refused by every process, said once
+        if launch.is_main:
+            print(several_processes_message(launch), file=sys.stderr)
+        return EXIT_USAGE
     if not (args.config or args.preset or args.overrides):
         print("error: give a config file, a --preset or --set options. Example: "
               "lora-gui train my-lora.toml   (create one with `lora-gui init-config my-lora.toml`)", file=sys.stderr)

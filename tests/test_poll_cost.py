@@ -68,7 +68,7 @@ def live_session(tmp_path):
 
 
 def groups(session) -> dict[str, str]:
-    return dict(zip(run_view.GROUPS, train.poll(session)[2:], strict=True))
+    return dict(zip(run_view.GROUPS, train.poll(session)[2:-1], strict=True))  # the last: the queue's version
 
 
 def test_runner_version_changes_exactly_when_the_snapshot_does():
@@ -104,7 +104,7 @@ def test_unchanged_run_sends_the_same_versions_so_no_panel_is_fetched(tmp_path):
     before = train.poll(session)
     assert [train.poll(session) for _ in range(3)] == [before] * 3
     session.runner.change()  # a change the panels do not show (the runner's version moved only)
-    assert groups(session) == dict(zip(run_view.GROUPS, before[2:], strict=True))
+    assert groups(session) == dict(zip(run_view.GROUPS, before[2:-1], strict=True))
 
 
 def test_each_change_moves_only_its_groups_version(tmp_path):
@@ -173,15 +173,18 @@ def test_the_timer_event_never_touches_a_heavy_panel(tmp_path):
     config = app.get_config_file()
     kinds = {component["id"]: component["type"] for component in config["components"]}
     [poll] = [dep for dep in config["dependencies"] if dep["targets"][0][1] == "tick"]
-    assert [kinds[i] for i in poll["outputs"]] == ["markdown", "markdown"] + ["textbox"] * len(run_view.GROUPS)
+    assert [kinds[i] for i in poll["outputs"]] == ["markdown", "markdown"] + ["textbox"] * (len(run_view.GROUPS) + 1)
     assert poll["backend_fn"] is False and "lora-gui/train-poll" in poll["js"]  # never reaches Gradio's server
     assert poll["inputs"] == poll["outputs"]  # the current values, kept when a fetch fails
     heavy = {"plots": {"nativeplot"}, "gallery": {"gallery"}, "log": {"textbox"},
              "controls": {"markdown", "column", "accordion", "textbox", "dropdown", "button", "timer"}}
-    for trigger, group in zip(poll["outputs"][2:], run_view.GROUPS, strict=True):
+    for trigger, group in zip(poll["outputs"][2:-1], run_view.GROUPS, strict=True):
         listeners = [dep for dep in config["dependencies"] if (trigger, "change") in map(tuple, dep["targets"])]
         assert len(listeners) == 1 and listeners[0]["queue"] is False and listeners[0]["api_name"] == f"train_{group}"
         assert {kinds[i] for i in listeners[0]["outputs"]} <= heavy[group]
+    queue_trigger = poll["outputs"][-1]  # the queue's version: its panel is fetched only when it moved
+    [listener] = [dep for dep in config["dependencies"] if (queue_trigger, "change") in map(tuple, dep["targets"])]
+    assert listener["queue"] is False and listener["api_name"] == "queue_panel"
 
 
 def test_values_sent_without_postprocessing_are_what_the_components_would_send(tmp_path):
