@@ -131,7 +131,8 @@ def test_every_numeric_field_of_every_handler_answers_hostile_values_with_a_mess
                     for parameter in parameters]
             answer = call(url, name, data)
             assert "event: error" not in answer, (name, hostile, answer[:600])
-    assert "Traceback" not in log.read_text()[logged_before:]
+    logged = log.read_text()[logged_before:]
+    assert "Traceback" not in logged, logged[-4000:]
 
 
 def test_a_value_out_of_range_is_named_with_its_range(app):
@@ -149,3 +150,27 @@ def test_a_value_out_of_range_is_named_with_its_range(app):
     started = answer("train_start", "Learning rate", -0.001)
     assert started.count("train.learning_rate") == 1, started[:800]  # one message, not a toast and a message
     assert "from 64 to 4096" in answer("dataset_check", "Resolution", 7)
+
+
+HOSTILE_CHOICES = ("../../etc", "no such choice", 7, ["x", 3], None, {"a": 1})
+CHOICE_COMPONENTS = {"Dropdown", "Radio", "Checkboxgroup", "Checkeddropdown", "Checkedradio", "Checkedcheckboxgroup"}
+
+
+def test_every_choice_field_of_every_handler_answers_foreign_values_with_a_message(app):
+    """A value that is not among a dropdown's, radio's or checkbox group's choices, not a string, or missing
+    (a share link can send anything): the handler answers, no error event, no traceback in the log."""
+    url, _, _, log = app
+    with urllib.request.urlopen(f"{url}gradio_api/info", timeout=60) as response:
+        info = json.loads(response.read())
+    endpoints = {name.lstrip("/"): endpoint["parameters"] for name, endpoint in info["named_endpoints"].items()
+                 if any(parameter.get("component") in CHOICE_COMPONENTS for parameter in endpoint["parameters"])}
+    assert {"dataset_pick", "train_pick_run", "train_resume", "test_render", "queue_remove"} <= set(endpoints)
+    logged_before = len(log.read_text())
+    for name, parameters in endpoints.items():
+        for hostile in HOSTILE_CHOICES:
+            data = [hostile if parameter.get("component") in CHOICE_COMPONENTS else usual_value(parameter)
+                    for parameter in parameters]
+            answer = call(url, name, data)
+            assert "event: error" not in answer, (name, hostile, answer[:600])
+    logged = log.read_text()[logged_before:]
+    assert "Traceback" not in logged, logged[-4000:]

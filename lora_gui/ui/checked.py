@@ -1,4 +1,4 @@
-"""Number and Slider components whose values the handlers check, not Gradio.
+"""Number, Slider and choice components whose values the handlers check, not Gradio.
 
 Gradio checks a Number's or Slider's range before the handler runs and answers a value out of range with
 a toast that names no field, a traceback in the terminal and an "Error" badge on every output of the
@@ -56,3 +56,33 @@ class CheckedSlider(gr.Slider):
 
     def postprocess(self, value: Any) -> Any:
         return as_shown(value, self.precision)
+
+
+class CheckedDropdown(gr.Dropdown):
+    """A dropdown whose value reaches the handler as sent (Gradio refuses a value not among the choices with
+    a traceback in the terminal; a share link can send any value). Each handler checks it."""
+
+    @classmethod
+    def get_block_name(cls) -> str:
+        return "dropdown"
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+
+
+class CheckedRadio(gr.Radio):
+    @classmethod
+    def get_block_name(cls) -> str:
+        return "radio"
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+
+
+class CheckedCheckboxGroup(gr.CheckboxGroup):
+    @classmethod
+    def get_block_name(cls) -> str:
+        return "checkboxgroup"
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload

@@ -67,3 +67,48 @@ class CheckedSlider(gr.Slider):
     if TYPE_CHECKING:
         from gradio.components import Timer
         from gradio.components.base import Component
+class CheckedDropdown(gr.Dropdown):
+    """A dropdown whose value reaches the handler as sent (Gradio refuses a value not among the choices with
+    a traceback in the terminal; a share link can send any value). Each handler checks it."""
+
+    @classmethod
+    def get_block_name(cls) -> str:
+        return "dropdown"
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+    
+class CheckedRadio(gr.Radio):
+    @classmethod
+    def get_block_name(cls) -> str:
+        return "radio"
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+    
+class CheckedCheckboxGroup(gr.CheckboxGroup):
+    @classmethod
+    def get_block_name(cls) -> str:
+        return "checkboxgroup"
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+    

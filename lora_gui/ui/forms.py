@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lora_gui.config import ConfigError, TrainingConfig, field_bounds
+from lora_gui.ui.checked import CheckedDropdown
 from lora_gui.ui.workspace import OutsideWorkspace, Workspace
 
 SECTION_TITLES = {"model": "Model", "dataset": "Dataset", "lora": "LoRA", "train": "Training",
@@ -366,9 +367,9 @@ def make_component(spec: FieldSpec, value: Any, base_options: list[str], target_
     common = dict(label=spec.label, info=spec.info, value=value)
     if spec.key in CUSTOM_DROPDOWNS:
         options = base_options if spec.key == "model.base" else target_options
-        return gr.Dropdown(choices=with_value(options, value), allow_custom_value=True, **common)
+        return CheckedDropdown(choices=with_value(options, value), allow_custom_value=True, **common)
     if spec.kind == "dropdown":
-        return gr.Dropdown(choices=list(spec.choices), **common)
+        return CheckedDropdown(choices=list(spec.choices), **common)
     if spec.kind == "checkbox":
         return gr.Checkbox(**common)
     if spec.kind == "slider":

@@ -52,9 +52,9 @@ def detect_tier(gpu_total_gib: float | None) -> str:
 
 def preset_name(family: Any, tier_label: Any) -> str:
     suffixes = {label: suffix for label, suffix, _ in TIERS}
-    if tier_label not in suffixes:
+    if not isinstance(tier_label, str) or tier_label not in suffixes:
         raise ConfigError(f"Unknown VRAM tier {tier_label!r}; choose one of: {', '.join(TIER_LABELS)}.")
-    name = f"{family}-{suffixes[tier_label]}"
+    name = f"{family}-{suffixes[tier_label]}" if isinstance(family, str) else ""
     presets = list_presets()
     if name in presets:
         return name

@@ -15,7 +15,7 @@ from gradio.context import Context
 
 from lora_gui.ui import captions_view as V
 from lora_gui.ui.captions_view import CaptionsError
-from lora_gui.ui.checked import CheckedNumber, CheckedSlider
+from lora_gui.ui.checked import CheckedDropdown, CheckedNumber, CheckedRadio, CheckedSlider
 from lora_gui.ui.guard import message_guard
 from lora_gui.ui.session import AppSession
 
@@ -32,7 +32,7 @@ def build(session: AppSession, dataset_tab) -> None:
     fields = V.captioner_fields(V.DEFAULT_CAPTIONER)
     with gr.Accordion("Auto-caption", open=True):
         with gr.Row():
-            captioner = gr.Dropdown(V.captioner_choices(), value=V.DEFAULT_CAPTIONER, label="Captioner", scale=2)
+            captioner = CheckedDropdown(V.captioner_choices(), value=V.DEFAULT_CAPTIONER, label="Captioner", scale=2)
             model = gr.Textbox(fields["model"], label="Model", info=MODEL_INFO, scale=3,
                                visible=fields["uses_model"])
         template = gr.Textbox(V.DEFAULT_TEMPLATE, label="Template", visible=fields["template"],
@@ -44,7 +44,7 @@ def build(session: AppSession, dataset_tab) -> None:
             prefix = gr.Textbox(label="Prefix", info="Text before each caption")
             suffix = gr.Textbox(label="Suffix", info="Text after each caption")
         with gr.Row():
-            mode = gr.Radio(V.MODE_CHOICES, value="skip_existing", label="Existing captions", scale=3)
+            mode = CheckedRadio(V.MODE_CHOICES, value="skip_existing", label="Existing captions", scale=3)
             max_length = CheckedNumber(0, label="Max length", precision=0, minimum=0, maximum=V.MAX_LENGTH, scale=1,
                                    info="Characters; 0 = no limit")
             batch_size = CheckedNumber(0, label="Batch size", precision=0, minimum=0, maximum=V.MAX_BATCH, scale=1,
@@ -68,7 +68,7 @@ def build(session: AppSession, dataset_tab) -> None:
                 selected_caption = gr.Textbox(label="Caption of the selected image", lines=4)
                 save_one = gr.Button("Save this caption")
     with gr.Accordion("Bulk edit", open=True):
-        operation = gr.Radio([(label, key) for key, label in V.OPERATIONS.items()], value="replace",
+        operation = CheckedRadio([(label, key) for key, label in V.OPERATIONS.items()], value="replace",
                              label="Change every caption")
         with gr.Row() as replace_row:
             find = gr.Textbox(label="Find", scale=3)
@@ -77,7 +77,7 @@ def build(session: AppSession, dataset_tab) -> None:
             case_sensitive = gr.Checkbox(True, label="Match case", scale=1)
         with gr.Row(visible=False) as tag_row:
             tag = gr.Textbox(label="Tag", info="Several tags can be separated by commas", scale=3)
-            position = gr.Radio(["start", "end"], value="end", label="Add at", scale=1)
+            position = CheckedRadio(["start", "end"], value="end", label="Add at", scale=1)
         with gr.Row():
             preview_bulk = gr.Button("Preview", scale=2)
             apply_bulk = gr.Button("Apply", variant="primary", scale=2)

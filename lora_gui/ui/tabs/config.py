@@ -19,6 +19,7 @@ from lora_gui.engine.planner import HEADROOM, PlanError, plan_memory
 from lora_gui.engine.planner.advice import fitting_advice
 from lora_gui.ui import forms
 from lora_gui.ui import presets as P
+from lora_gui.ui.checked import CheckedDropdown, CheckedRadio
 from lora_gui.ui.draft import load_draft, save_draft
 from lora_gui.ui.guard import log, message_guard
 from lora_gui.ui.session import AppSession, GpuInfo
@@ -174,7 +175,7 @@ def layout(workspace: Workspace, gpu: GpuInfo | None, tier: str, initial: dict[s
     gr.Markdown(INTRO)
     with gr.Row(equal_height=True):
         gr.Markdown(f"**Detected GPU:** {gpu.label if gpu else 'none (CPU only)'}")
-        tier_radio = gr.Radio(list(P.TIER_LABELS), value=tier, label="VRAM preset",
+        tier_radio = CheckedRadio(list(P.TIER_LABELS), value=tier, label="VRAM preset",
                               info="For the model family chosen under Model. Preselected from the detected GPU.")
         apply_btn = gr.Button("Apply preset", variant="primary", scale=0)
     preset_md = gr.Markdown(first["preset"])
@@ -195,7 +196,7 @@ def layout(workspace: Workspace, gpu: GpuInfo | None, tier: str, initial: dict[s
             with gr.Column():
                 # Custom values allowed so a list older than this session's files still works;
                 # the handler accepts only names that are in configs/ now.
-                saved_dd = gr.Dropdown(P.list_saved_configs(workspace), value=None, label="Saved configs",
+                saved_dd = CheckedDropdown(P.list_saved_configs(workspace), value=None, label="Saved configs",
                                        info=f"Files in {workspace.configs}", allow_custom_value=True)
                 with gr.Row():
                     load_btn = gr.Button("Load selected")

@@ -20,7 +20,7 @@ from gradio.context import Context
 from gradio.exceptions import InvalidPathError
 
 from lora_gui.ui import dataset_view as V
-from lora_gui.ui.checked import CheckedNumber
+from lora_gui.ui.checked import CheckedDropdown, CheckedNumber
 from lora_gui.ui.dataset_view import DatasetViewError
 from lora_gui.ui.guard import message_guard
 from lora_gui.ui.session import AppSession
@@ -46,7 +46,7 @@ def build(session: AppSession, panel: gr.Tab | None = None) -> DatasetTab:
     with gr.Row(equal_height=True):
         folder = gr.Textbox(label="Dataset folder", placeholder="datasets/sample", scale=4,
                             info="Relative to the workspace; press Enter to show it")
-        existing = gr.Dropdown(workspace.list_datasets(), value=None, label="Existing datasets", scale=3)
+        existing = CheckedDropdown(workspace.list_datasets(), value=None, label="Existing datasets", scale=3)
         refresh = gr.Button("Refresh list", scale=1)
         sample = gr.Button("Create sample dataset", scale=1)
     with gr.Accordion("Browse the datasets folder", open=False):

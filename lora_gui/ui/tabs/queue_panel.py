@@ -10,6 +10,7 @@ from gradio.context import Context
 
 from lora_gui.config import ConfigError
 from lora_gui.ui import queue_view
+from lora_gui.ui.checked import CheckedDropdown
 from lora_gui.ui.run_start import StartRefused
 
 
@@ -47,7 +48,7 @@ def build(session, config_tab, add_button: gr.Button) -> gr.Textbox:
         table = gr.Dataframe(headers=queue_view.TABLE_HEADERS, interactive=False, wrap=True,
                              elem_id="lg-queue-table", column_widths=["6%", "14%", "45%", "35%"])
         with gr.Row():
-            picker = gr.Dropdown([], value=None, label="Queued run", scale=4, elem_id="lg-queue-pick",
+            picker = CheckedDropdown([], value=None, label="Queued run", scale=4, elem_id="lg-queue-pick",
                                  allow_custom_value=True)  # a stale or foreign id gets the handler's message
             up = gr.Button("Move up", scale=1)
             down = gr.Button("Move down", scale=1)

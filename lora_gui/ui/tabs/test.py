@@ -13,7 +13,7 @@ from gradio.context import Context
 from lora_gui.config import ConfigError
 from lora_gui.engine.compare import NO_LORA
 from lora_gui.ui import comparison, runs
-from lora_gui.ui.checked import CheckedNumber, CheckedSlider
+from lora_gui.ui.checked import CheckedCheckboxGroup, CheckedDropdown, CheckedNumber, CheckedSlider
 from lora_gui.ui.comparison import ComparisonError
 from lora_gui.ui.workspace import OutsideWorkspace
 
@@ -85,10 +85,10 @@ def build(session, config_tab) -> None:
     tab = Context.block
     runs, chosen = run_options(session, live=False)  # entering the tab lists them with the live run's state
     with gr.Row():
-        run = gr.Dropdown(runs, value=chosen, label="Run folder", scale=4)
+        run = CheckedDropdown(runs, value=chosen, label="Run folder", scale=4)
         refresh = gr.Button("Refresh", scale=1)
     initial = load_run(session, chosen) if chosen else {"choices": [], "selected": [], "message": "", "defaults": {}}
-    loras = gr.CheckboxGroup(initial["choices"], value=initial["selected"], label="LoRAs (rows)",
+    loras = CheckedCheckboxGroup(initial["choices"], value=initial["selected"], label="LoRAs (rows)",
                              info="'no LoRA', a paused run's current weights, the run's checkpoints and its final LoRA")
     scales = gr.Textbox(comparison.DEFAULT_SCALES, label="LoRA scales (columns)",
                         info="Numbers from -4 to 4, at most 8, separated by commas")

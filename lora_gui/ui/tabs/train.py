@@ -32,6 +32,7 @@ from lora_gui.engine.checkpoint import checkpoint_step, list_checkpoints
 from lora_gui.engine.outputs import previous_run_problem
 from lora_gui.engine.runner import RunAlreadyActive
 from lora_gui.ui import run_view, runs
+from lora_gui.ui.checked import CheckedDropdown
 from lora_gui.ui.comparison import release_cached_pipeline
 from lora_gui.ui.light_routes import JsonRoute
 from lora_gui.ui.run_start import StartRefused, confine_paths
@@ -274,10 +275,10 @@ def build(session, config_tab) -> list[JsonRoute]:
     initial_runs, _ = run_choices(session, live=False)
     with gr.Accordion("Resume from a checkpoint", open=False):
         with gr.Row():
-            run_picker = gr.Dropdown(initial_runs, value=None, label="Run folder", scale=3, elem_id="lg-resume-run",
+            run_picker = CheckedDropdown(initial_runs, value=None, label="Run folder", scale=3, elem_id="lg-resume-run",
                                      info="Live first, then newest. Picking one loads its config.toml into the "
                                           "Config tab.")
-            checkpoint = gr.Dropdown([], label="Checkpoint", scale=2, elem_id="lg-resume-checkpoint")
+            checkpoint = CheckedDropdown([], label="Checkpoint", scale=2, elem_id="lg-resume-checkpoint")
             refresh = gr.Button("Refresh", scale=1)
             buttons["resume_checkpoint"] = gr.Button("Resume", variant="primary", scale=1)
     queue_trigger = queue_panel.build(session, config_tab, buttons.pop("queue"))
