@@ -128,17 +128,20 @@ def run_init_config(args) -> int:
 def run_train(args) -> int:
     from lora_gui.cli_progress import ProgressPrinter
     from lora_gui.config import build_config
-    from lora_gui.engine.launch_env import launch_from_environment, several_processes_message
+    from lora_gui.engine.launch_env import launch_from_environment
 
-    launch = launch_from_environment()
-    if launch.world_size > 1:  # refused by every process, said once
-        if launch.is_main:
-            print(several_processes_message(launch), file=sys.stderr)
-        return EXIT_USAGE
+    # Under a launcher of several processes (accelerate launch, torchrun) they train one run together: every
+    # process takes the same decisions below, and only the main one says them.
+    main_process = launch_from_environment().is_main
+
+    def refuse(text: str, code: int) -> int:
+        if main_process:
+            print(text, file=sys.stderr)
+        return code
+
     if not (args.config or args.preset or args.overrides):
-        print("error: give a config file, a --preset or --set options. Example: "
-              "lora-gui train my-lora.toml   (create one with `lora-gui init-config my-lora.toml`)", file=sys.stderr)
-        return EXIT_USAGE
+        return refuse("error: give a config file, a --preset or --set options. Example: "
+              "lora-gui train my-lora.toml   (create one with `lora-gui init-config my-lora.toml`)", EXIT_USAGE)
     config = build_config(file=args.config, preset=args.preset, overrides=args.overrides)
     resume = resolve_resume(args.resume, config)
     if resume is None and not args.overwrite:
@@ -146,28 +149,27 @@ def run_train(args) -> int:
 
         problem = previous_run_problem(Path(config.output.dir), config.output.name)
         if problem:
-            print(f"error: {problem}; a new run would mix with it. Continue it with --resume latest, train "
-                  "again from step 0 with --overwrite (deletes its LoRA, checkpoints, samples and metrics), "
-                  "or choose another output.dir.", file=sys.stderr)
-            return EXIT_USAGE
+            return refuse(f"error: {problem}; a new run would mix with it. Continue it with --resume latest, train "
+                          "again from step 0 with --overwrite (deletes its LoRA, checkpoints, samples and metrics), "
+                          "or choose another output.dir.", EXIT_USAGE)
 
     if not args.no_plan:
         from lora_gui.cli_plan import refuse_if_too_big
 
         refusal = refuse_if_too_big(config)
         if refusal:
-            print(refusal, file=sys.stderr)
-            return EXIT_FAILED
+            return refuse(refusal, EXIT_FAILED)
 
     from lora_gui.engine.errors import TrainingError
     from lora_gui.engine.train import train
-    from lora_gui.events import Controls
+    from lora_gui.events import Controls, ignore_events
 
     controls = Controls()
     printer = ProgressPrinter(config.train.max_steps)
     restore = install_stop_handlers(controls, printer)
     try:
-        result = train(config, printer.handle, controls, resume_from=resume, overwrite=args.overwrite)
+        result = train(config, printer.handle if main_process else ignore_events, controls, resume_from=resume,
+                       overwrite=args.overwrite)
     except TrainingError:
         return EXIT_FAILED  # the printer already showed the message and the hint
     except KeyboardInterrupt:
@@ -176,6 +178,8 @@ def run_train(args) -> int:
     finally:
         printer.close()
         restore()
+    if not main_process:
+        return EXIT_STOPPED if result.status == "stopped" else EXIT_OK
     if result.status == "stopped":
         if result.checkpoint:
             print(f"Stopped. To continue, run the same command with --resume {result.checkpoint} "

@@ -1,6 +1,5 @@
 """What a process launcher says about this process: torchrun, ``accelerate launch``, MPI and cluster launchers set
-the world size and this process's rank in the environment. Training runs in one process, so a launch of several
-is refused (every process would otherwise train the whole run into the same folder)."""
+the world size and this process's rank in the environment."""
 
 from __future__ import annotations
 
@@ -32,13 +31,6 @@ def launch_from_environment(environ: Mapping[str, str] | None = None) -> Launch:
             break
     rank = next((_number(environ[name]) for name in RANK_VARIABLES if _number(environ.get(name)) is not None), 0)
     return Launch(max(world, 1), max(rank, 0), variable)
-
-
-def several_processes_message(launch: Launch) -> str:
-    return (f"error: this is process {launch.rank} of {launch.world_size} ({launch.variable}={launch.world_size}, "
-            "set by torchrun, accelerate launch or a cluster launcher). lora-gui trains a run in one process: "
-            "training on several GPUs at once is not built yet, and each process would train the whole run into "
-            "the same folder. Start one process: lora-gui train CONFIG (or accelerate launch --num_processes 1).")
 
 
 def _number(text: str | None) -> int | None:

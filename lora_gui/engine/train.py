@@ -30,6 +30,7 @@ from lora_gui.engine.devices import (
     resolve_placement,
     text_encoder_device,
 )
+from lora_gui.engine.distributed import Distributed, Share, noised_share
 from lora_gui.engine.errors import NonFiniteLoss, StopRequested, TrainingError, explain
 from lora_gui.engine.families.detect import with_detected_family
 from lora_gui.engine.families.registry import get_family
@@ -131,13 +132,20 @@ class BatchPrefetcher:
     (``dataset.num_workers``; 0 loads each batch when it is needed). Loading a batch is a pure function of
     its position, so prefetching changes nothing but the time it takes."""
 
-    def __init__(self, data, cursor: DataCursor, workers: int) -> None:
-        self.data, self.cursor, self.workers = data, cursor, workers
+    def __init__(self, data, cursor: DataCursor, workers: int, dist: Distributed | None = None) -> None:
+        self.data, self.cursor, self.workers, self.dist = data, cursor, workers, dist
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="lora-gui-batches") if workers else None
         self.pending: deque[tuple[tuple, Future]] = deque()
+        self.share: Share | None = None  # this process's part of the last global batch (distributed runs)
+
+    def _local(self, indices: list[int]) -> list[int]:
+        return indices if self.dist is None else indices[self.dist.share(len(indices)).positions]
 
     def next(self):
         indices, epoch = self.cursor.next()
+        if self.dist is not None:
+            self.share = self.dist.share(len(indices))
+        indices = self._local(indices)
         if self.pool is None:
             return self.data.load_batch(indices, epoch)
         wanted = (tuple(indices), epoch)
@@ -146,6 +154,7 @@ class BatchPrefetcher:
         future = self.pending.popleft()[1] if self.pending else self.pool.submit(self.data.load_batch, indices, epoch)
         queued = {key for key, _ in self.pending}
         for ahead_indices, ahead_epoch in self.cursor.upcoming(self.workers * 2):
+            ahead_indices = self._local(ahead_indices)
             key = (tuple(ahead_indices), ahead_epoch)
             if key not in queued:
                 self.pending.append((key, self.pool.submit(self.data.load_batch, ahead_indices, ahead_epoch)))
@@ -170,13 +179,26 @@ class TrainingRun:
         self.metrics: MetricsLog | None = None
         self.sample_prompts: dict | None = None  # validation prompt embeddings, while the text encoders are frozen
         self.resume_progress: dict = {}  # the checkpoint's data position when resuming
+        self.dist: Distributed | None = None  # the processes of a distributed run (None: this one alone)
 
     # ------------------------------------------------------------------ orchestration
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the files and reports (always, unless it is one of several)."""
+        return self.dist is None or self.dist.is_main
+
     def execute(self, resume_from: str | Path | None) -> TrainResult:
-        self.output_lock = hold_output_folder(self.output_dir)
+        self.dist = Distributed.from_environment(resolve_placement(self.config).device)
+        if not self.is_main:
+            self.emit = ignore_events  # the main process reports for the run
         resume = self.load_resume(resume_from)
-        if resume is None:
-            start_fresh(self.output_dir, self.config.output.name, self.overwrite)
+        if resume is not None:
+            self.check_same_processes(resume[0])
+        if self.is_main:
+            self.output_lock = hold_output_folder(self.output_dir)
+            if resume is None:
+                start_fresh(self.output_dir, self.config.output.name, self.overwrite)
+        self.in_turn(lambda: None)  # the folder is ready before another process reads its caches
         try:
             self.set_up(resume_from, resume)
         except StopRequested:
@@ -206,8 +228,29 @@ class TrainingRun:
         self.noise_generator = torch.Generator(device="cpu").manual_seed(self.config.train.seed)
         if resume is not None:
             self.restore(Path(resume_from), *resume)
-        save_config(self.config, self.output_dir / "config.toml")
-        self.metrics = MetricsLog(self.output_dir, self.step, self.config.output.tensorboard)
+        if self.is_main:
+            save_config(self.config, self.output_dir / "config.toml")
+            self.metrics = MetricsLog(self.output_dir, self.step, self.config.output.tensorboard)
+
+    def check_same_processes(self, progress: dict) -> None:
+        saved, now = int(progress.get("processes", 1)), 1 if self.dist is None else self.dist.world_size
+        if saved != now:
+            raise TrainingError(
+                f"This checkpoint was saved by a run of {saved} process(es); this one has {now}. Its place in the "
+                "data counts batches of that run, so it resumes only with the same number of processes.",
+                f"Start the resume with {saved} process(es) (for example torchrun --nproc_per_node {saved}, or "
+                "without a launcher for 1).")
+
+    def in_turn(self, work):
+        """``work()`` on the main process first, then on the others (which then find the caches it filled)."""
+        if self.dist is None:
+            return work()
+        if self.is_main:
+            done = work()
+            self.dist.wait_for_everyone()
+            return done
+        self.dist.wait_for_everyone()
+        return work()
 
     def check_stop(self) -> None:
         if self.controls.stop_requested:
@@ -250,8 +293,9 @@ class TrainingRun:
             dataset, size_multiple=self.family.size_multiple, log=self.status,
             progress=self.progress_status("Checking dataset images"),
         )
-        data = TrainingData(
-            dataset, size_multiple=self.family.size_multiple, batch_size=self.config.train.batch_size,
+        processes = 1 if self.dist is None else self.dist.world_size
+        data = TrainingData(  # a distributed run walks global batches: each process takes its share
+            dataset, size_multiple=self.family.size_multiple, batch_size=self.config.train.batch_size * processes,
             seed=self.config.train.seed, log=self.status, records=records,
         )
         self.status(data.describe())
@@ -324,7 +368,7 @@ class TrainingRun:
         dataset, comps, device = self.config.dataset, self.components, self.placement.device
         comps.vae.to(device)
         if dataset.cache_latents:
-            self.cache_latents()
+            self.in_turn(self.cache_latents)
             self.offload(comps.vae)
         encoder_device = text_encoder_device(comps.text_encoders, device)  # with the VAE gone, if it could go
         if encoder_device != device:
@@ -334,7 +378,7 @@ class TrainingRun:
             encoder.to(encoder_device)
         self.text_cached = False
         if dataset.cache_text and not self.config.lora.train_text_encoder:
-            cached = self.cache_text()
+            cached = self.in_turn(self.cache_text)
             self.text_cached = bool(cached)
             if not cached:
                 self.status(f"Text embeddings are computed at each step: {cached.reason}")
@@ -466,7 +510,10 @@ class TrainingRun:
         self.objective = self.family.make_objective(self.components, train)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> str:
+    def save_checkpoint(self) -> str | None:
+        """A resumable checkpoint, written by the main process (every process holds the same state)."""
+        if not self.is_main:
+            return None
         self.status(f"Saving checkpoint at step {self.step}")
         training_state = ckpt.make_training_state(
             self.optimizer, self.lr_scheduler, self.scaler,
@@ -481,6 +528,7 @@ class TrainingRun:
             config=self.config,
             write_lora=lambda folder: self.write_lora(folder / f"{self.config.output.name}.safetensors"),
             training_state=training_state,
+            processes=1 if self.dist is None else self.dist.world_size,
         )
         self.emit(CheckpointSaved(step=self.step, path=str(path)))
         return str(path)
@@ -523,7 +571,7 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ the loop
     def loop(self) -> TrainResult:
-        self.batches = BatchPrefetcher(self.data, self.cursor, self.config.dataset.num_workers)
+        self.batches = BatchPrefetcher(self.data, self.cursor, self.config.dataset.num_workers, self.dist)
         try:
             return self.run_steps()
         finally:
@@ -536,7 +584,10 @@ class TrainingRun:
         while self.step < train.max_steps:
             if self.controls.paused:
                 self.pause()
-            if self.controls.stop_requested:
+            stop = self.controls.stop_requested
+            if self.dist is not None:
+                stop = self.dist.any(stop)  # every process stops at the same step
+            if stop:
                 return self.stop()
             self.controls.run_jobs(self.family, self.components)
             started = time.perf_counter()
@@ -565,10 +616,10 @@ class TrainingRun:
         for _ in range(train.gradient_accumulation):
             batch = self.batches.next()
             paths += batch.paths
-            loss = self.compute_loss(batch) / train.gradient_accumulation
+            loss = self.compute_loss(batch, self.batches.share) / train.gradient_accumulation
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
-        value = total.item()
+        value = total.item() if self.dist is None else self.dist.sum_gradients(self.trainable, total)
         if not math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(self.step + 1, paths)
@@ -585,7 +636,8 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         return value
 
-    def compute_loss(self, batch) -> torch.Tensor:
+    def compute_loss(self, batch, share: Share | None = None) -> torch.Tensor:
+        """The batch's mean loss; for a distributed run's ``share``, weighted by its part of the global batch."""
         comps, device = self.components, self.placement.device
         with autocast_context(self.placement):
             if batch.latents is not None:
@@ -599,18 +651,23 @@ class TrainingRun:
                 with torch.set_grad_enabled(self.config.lora.train_text_encoder):
                     embeds = self.family.encode_prompts(comps, list(batch.captions))
                 embeds = {k: v.to(device) for k, v in embeds.items()}
-            noised = self.objective.add_noise(latents.float(), self.noise_generator)
+            if share is None:
+                noised = self.objective.add_noise(latents.float(), self.noise_generator)
+            else:
+                noised = noised_share(self.objective, latents.float(), self.noise_generator, share)
             with offloaded_activations(self.config.train.offload_activations, device):
                 prediction = self.family.predict(
                     comps, noised.noisy.to(comps.weight_dtype), noised.timesteps, embeds, list(batch.conditioning),
                     self.config.train,
                 )
-                return self.objective.loss(prediction, noised)
+                loss = self.objective.loss(prediction, noised)
+                return loss if share is None else loss * share.weight
 
     def report(self, loss: float, seconds: float, average_seconds: float) -> None:
         lr = current_lr(self.optimizer)
         remaining = (self.config.train.max_steps - self.step) * average_seconds
-        self.metrics.log(self.step, self.cursor.epoch, loss, lr, seconds)
+        if self.metrics is not None:  # the main process's
+            self.metrics.log(self.step, self.cursor.epoch, loss, lr, seconds)
         self.emit(Progress(
             step=self.step, max_steps=self.config.train.max_steps, epoch=self.cursor.epoch, loss=loss, lr=lr,
             sec_per_step=average_seconds, eta_seconds=remaining,
@@ -644,6 +701,8 @@ class TrainingRun:
                                           self.family.size_multiple)
 
     def sample(self) -> None:
+        if not self.is_main:
+            return
         settings = self.sample_settings()
         if not settings.prompts:
             self.status("No validation images: sample.prompts is empty (add prompts on the Config tab to see some)")
@@ -656,6 +715,8 @@ class TrainingRun:
         self.status(f"Validation images of step {self.step} saved")  # replaces "Sampling n/n"
 
     def finish(self) -> TrainResult:
+        if not self.is_main:
+            return TrainResult(status="finished", step=self.step, lora_path=None, checkpoint=None)
         kohya_path, diffusers_path = self.write_lora(self.output_dir / f"{self.config.output.name}.safetensors")
         checkpoint = self.save_checkpoint()
         if self.sample_settings().prompts:
