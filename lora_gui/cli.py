@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "checkpoints, samples and metrics)")
     train.add_argument("--no-plan", action="store_true",
                        help="on a GPU, start even if the memory plan says the run does not fit")
+    train.add_argument("--gpus", metavar="N", help="train on N GPUs of this machine (or 'all'), one process each, "
+                                                   "started through accelerate launch; the effective batch is "
+                                                   "train.batch_size x N x train.gradient_accumulation")
 
     sample = commands.add_parser("sample", help="render images with a LoRA at one or more scales")
     sample.add_argument("--config", required=True, help="config file naming the base model and sample settings")
@@ -139,6 +142,24 @@ def run_train(args) -> int:
             print(text, file=sys.stderr)
         return code
 
+    if args.gpus is not None:
+        from lora_gui.cli_gpus import (
+            GpusRefused,
+            accelerate_command,
+            cuda_gpus,
+            launch_on_gpus,
+            wanted_processes,
+        )
+
+        if launch_from_environment().world_size > 1:
+            return refuse("error: --gpus starts the processes itself; this command already runs under a launcher "
+                          "of several processes. Leave --gpus out.", EXIT_USAGE)
+        try:
+            processes = wanted_processes(args.gpus, cuda_gpus())
+        except GpusRefused as exc:
+            return refuse(f"error: {exc}", EXIT_USAGE)
+        if processes > 1:
+            return launch_on_gpus(accelerate_command(args, processes))
     if not (args.config or args.preset or args.overrides):
         return refuse("error: give a config file, a --preset or --set options. Example: "
               "lora-gui train my-lora.toml   (create one with `lora-gui init-config my-lora.toml`)", EXIT_USAGE)

@@ -66,3 +66,49 @@ def test_two_processes_train_the_run_of_one_process_with_twice_the_batch(tmp_pat
     alone = subprocess.run([sys.executable, "-m", "lora_gui", "train", "--no-plan", "--preset", "sd15-cpu-demo", *sets,
                             "--resume", str(checkpoint)], capture_output=True, text=True, timeout=300)
     assert alone.returncode != 0 and "saved by a run of 2 process(es); this one has 1" in alone.stderr, alone.stderr
+
+
+def test_gpus_asks_for_cuda_gpus_and_starts_accelerate_launch_with_the_same_command():
+    import argparse
+
+    import pytest
+
+    from lora_gui.cli import main
+    from lora_gui.cli_gpus import GpusRefused, accelerate_command, wanted_processes
+
+    assert wanted_processes(None, 0) == 1 and wanted_processes("all", 4) == 4 and wanted_processes("2", 8) == 2
+    for text, message in (("two", "give a number"), ("0", "at least 1"), ("3", r"3 GPU\(s\) asked, 2 CUDA GPU\(s\)")):
+        with pytest.raises(GpusRefused, match=message):
+            wanted_processes(text, 2)
+    args = argparse.Namespace(config="my.toml", preset=None, overrides=["train.max_steps=5"], resume="latest",
+                              overwrite=False, no_plan=True)
+    assert accelerate_command(args, 4)[1:] == [
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4", "-m", "lora_gui", "train",
+        "my.toml", "--set", "train.max_steps=5", "--resume", "latest", "--no-plan"]
+    assert main(["train", "my.toml", "--gpus", "2"]) == 2  # this machine has no CUDA GPU: refused, said why
+
+
+def test_sigterm_stops_every_process_at_one_step_and_one_checkpoint_is_saved(tmp_path):
+    import signal
+    import time
+
+    dataset = make_dataset(tmp_path / "images")
+    output = tmp_path / "run"
+    sets = [f"--set={item}" for item in (f"dataset.dir={dataset}", f"output.dir={output}", "train.max_steps=100000",
+                                          "train.batch_size=1", "sample.every=0", "output.save_every=0",
+                                          "sample.prompts=[]")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "lora_gui", "train", "--no-plan", "--preset", "sd15-cpu-demo", *sets]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while not (output / "metrics.csv").is_file() or len((output / "metrics.csv").read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline and process.poll() is None, process.stdout.read()[-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # torchrun passes it to both processes
+    said, _ = process.communicate(timeout=300)
+    checkpoints = sorted((output / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1, said[-3000:]
+    assert said.count("Stopped. To continue") == 1, said[-3000:]
+    with (output / "metrics.csv").open() as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert checkpoints[0].name == f"step-{steps[-1]:06d}" and steps == list(range(1, steps[-1] + 1))

@@ -299,6 +299,11 @@ class TrainingRun:
             seed=self.config.train.seed, log=self.status, records=records,
         )
         self.status(data.describe())
+        if self.dist is not None:
+            train = self.config.train
+            self.status(f"{processes} processes train together: effective batch {train.batch_size} per process x "
+                        f"{processes} processes x {train.gradient_accumulation} accumulation = "
+                        f"{train.batch_size * processes * train.gradient_accumulation} samples per step")
         return data
 
     def load_model(self) -> None:
