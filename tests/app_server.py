@@ -69,3 +69,18 @@ def call(url: str, api: str, data: list) -> str:
         event = json.loads(response.read())["event_id"]
     with urllib.request.urlopen(f"{url}gradio_api/call/{api}/{event}", timeout=300) as response:
         return response.read().decode()
+
+
+@contextmanager
+def serving(build, **launch):
+    """A gr.Blocks built by ``build()`` on a real local server in this process; yields its URL."""
+    import gradio as gr
+
+    with gr.Blocks() as demo:
+        build()
+    demo.queue()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **launch)
+    try:
+        yield url
+    finally:
+        demo.close()

@@ -4,10 +4,10 @@ never written to, and held back from --share and --listen unless the launch says
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from app_server import serving
 from helpers import make_dataset, tiny_config
 
 from lora_gui.ui import forms
@@ -32,20 +32,6 @@ def library(tmp_path):
     workspace = Workspace.create(tmp_path / "ws", (str(outside), str(outside / "portraits")))
     make_dataset(workspace.datasets / "local")
     return workspace, outside
-
-
-@contextmanager
-def serving(build, **launch):
-    import gradio as gr
-
-    with gr.Blocks() as demo:
-        build()
-    demo.queue()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **launch)
-    try:
-        yield url
-    finally:
-        demo.close()
 
 
 def test_extra_folders_are_listed_and_resolved_but_nothing_else_outside_is(library, tmp_path):

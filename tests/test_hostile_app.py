@@ -98,12 +98,31 @@ NUMERIC_COMPONENTS = {"Number", "Slider", "Checkednumber", "Checkedslider"}
 FILE_COMPONENTS = {"File", "Image", "Gallery", "Files", "UploadButton"}
 
 
-def numeric_endpoints(url: str) -> dict[str, list[dict]]:
-    """Every named endpoint with a number or slider among its parameters, from the app's API description."""
+def endpoints_with(url: str, components: set[str]) -> dict[str, list[dict]]:
+    """Every named endpoint with one of ``components`` among its parameters, from the app's API description."""
     with urllib.request.urlopen(f"{url}gradio_api/info", timeout=60) as response:
         info = json.loads(response.read())
     return {name.lstrip("/"): endpoint["parameters"] for name, endpoint in info["named_endpoints"].items()
-            if any(parameter.get("component") in NUMERIC_COMPONENTS for parameter in endpoint["parameters"])}
+            if any(parameter.get("component") in components for parameter in endpoint["parameters"])}
+
+
+def numeric_endpoints(url: str) -> dict[str, list[dict]]:
+    return endpoints_with(url, NUMERIC_COMPONENTS)
+
+
+def assert_every_handler_answers(url: str, log: Path, endpoints: dict[str, list[dict]], components: set[str],
+                                 values) -> None:
+    """Each value in every parameter of ``components`` (the others get what the page would send): no error
+    event, and nothing logged as a traceback."""
+    logged_before = len(log.read_text())
+    for name, parameters in endpoints.items():
+        for hostile in values:
+            data = [hostile if parameter.get("component") in components else usual_value(parameter)
+                    for parameter in parameters]
+            answer = call(url, name, data)
+            assert "event: error" not in answer, (name, hostile, answer[:600])
+    logged = log.read_text()[logged_before:]
+    assert "Traceback" not in logged, logged[-4000:]
 
 
 def usual_value(parameter: dict):
@@ -124,15 +143,7 @@ def test_every_numeric_field_of_every_handler_answers_hostile_values_with_a_mess
     url, _, _, log = app
     endpoints = numeric_endpoints(url)
     assert {"config_refresh", "config_save", "train_start", "test_render", "dataset_check"} <= set(endpoints)
-    logged_before = len(log.read_text())
-    for name, parameters in endpoints.items():
-        for hostile in HOSTILE_NUMBERS:
-            data = [hostile if parameter.get("component") in NUMERIC_COMPONENTS else usual_value(parameter)
-                    for parameter in parameters]
-            answer = call(url, name, data)
-            assert "event: error" not in answer, (name, hostile, answer[:600])
-    logged = log.read_text()[logged_before:]
-    assert "Traceback" not in logged, logged[-4000:]
+    assert_every_handler_answers(url, log, endpoints, NUMERIC_COMPONENTS, HOSTILE_NUMBERS)
 
 
 def test_a_value_out_of_range_is_named_with_its_range(app):
@@ -160,17 +171,6 @@ def test_every_choice_field_of_every_handler_answers_foreign_values_with_a_messa
     """A value that is not among a dropdown's, radio's or checkbox group's choices, not a string, or missing
     (a share link can send anything): the handler answers, no error event, no traceback in the log."""
     url, _, _, log = app
-    with urllib.request.urlopen(f"{url}gradio_api/info", timeout=60) as response:
-        info = json.loads(response.read())
-    endpoints = {name.lstrip("/"): endpoint["parameters"] for name, endpoint in info["named_endpoints"].items()
-                 if any(parameter.get("component") in CHOICE_COMPONENTS for parameter in endpoint["parameters"])}
+    endpoints = endpoints_with(url, CHOICE_COMPONENTS)
     assert {"dataset_pick", "train_pick_run", "train_resume", "test_render", "queue_remove"} <= set(endpoints)
-    logged_before = len(log.read_text())
-    for name, parameters in endpoints.items():
-        for hostile in HOSTILE_CHOICES:
-            data = [hostile if parameter.get("component") in CHOICE_COMPONENTS else usual_value(parameter)
-                    for parameter in parameters]
-            answer = call(url, name, data)
-            assert "event: error" not in answer, (name, hostile, answer[:600])
-    logged = log.read_text()[logged_before:]
-    assert "Traceback" not in logged, logged[-4000:]
+    assert_every_handler_answers(url, log, endpoints, CHOICE_COMPONENTS, HOSTILE_CHOICES)

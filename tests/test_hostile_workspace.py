@@ -12,12 +12,11 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from app_server import call, running_app
+from app_server import call, running_app, serving
 from PIL import Image
 
 from lora_gui.cli_dataset import main as dataset_cli
@@ -70,21 +69,6 @@ def hostile(tmp_path):
 
 def names(files, root: Path) -> list[str]:
     return sorted(file.path.relative_to(root).as_posix() for file in files)
-
-
-@contextmanager
-def serving(build, **launch):
-    """A gr.Blocks built by ``build()`` on a real local server; yields its URL."""
-    import gradio as gr
-
-    with gr.Blocks() as demo:
-        build()
-    demo.queue()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **launch)
-    try:
-        yield url
-    finally:
-        demo.close()
 
 
 def result(stream: str) -> list:
