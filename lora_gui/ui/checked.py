@@ -34,11 +34,16 @@ def as_shown(value: Any, precision: int | None) -> Any:
     return gr.Number.round_to_precision(value, precision)
 
 
-class CheckedNumber(gr.Number):
-    @classmethod
-    def get_block_name(cls) -> str:  # the page shows it with Gradio's own Number
-        return "number"
+class ShownAsGradios:
+    """Shown in the page by its Gradio base class's own frontend (Gradio would look for one of this name)."""
 
+    @classmethod
+    def get_block_name(cls) -> str:
+        gradio_base = next(base for base in cls.__mro__ if base.__module__.startswith("gradio."))
+        return gradio_base.__name__.lower()  # what Gradio's own Block.get_block_name gives it
+
+
+class NumberAsSent(ShownAsGradios):
     def preprocess(self, payload: Any) -> Any:
         return as_sent(payload, self.precision)
 
@@ -46,43 +51,29 @@ class CheckedNumber(gr.Number):
         return as_shown(value, self.precision)
 
 
-class CheckedSlider(gr.Slider):
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "slider"
-
-    def preprocess(self, payload: Any) -> Any:
-        return as_sent(payload, self.precision)
-
-    def postprocess(self, value: Any) -> Any:
-        return as_shown(value, self.precision)
-
-
-class CheckedDropdown(gr.Dropdown):
-    """A dropdown whose value reaches the handler as sent (Gradio refuses a value not among the choices with
-    a traceback in the terminal; a share link can send any value). Each handler checks it."""
-
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "dropdown"
+class ChoiceAsSent(ShownAsGradios):
+    """A choice that reaches the handler as sent (Gradio refuses a value not among the choices with a traceback
+    in the terminal; a share link can send any value). Each handler checks it."""
 
     def preprocess(self, payload: Any) -> Any:
         return payload
 
 
-class CheckedRadio(gr.Radio):
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "radio"
-
-    def preprocess(self, payload: Any) -> Any:
-        return payload
+class CheckedNumber(NumberAsSent, gr.Number):
+    pass
 
 
-class CheckedCheckboxGroup(gr.CheckboxGroup):
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "checkboxgroup"
+class CheckedSlider(NumberAsSent, gr.Slider):
+    pass
 
-    def preprocess(self, payload: Any) -> Any:
-        return payload
+
+class CheckedDropdown(ChoiceAsSent, gr.Dropdown):
+    pass
+
+
+class CheckedRadio(ChoiceAsSent, gr.Radio):
+    pass
+
+
+class CheckedCheckboxGroup(ChoiceAsSent, gr.CheckboxGroup):
+    pass

@@ -1,4 +1,4 @@
-"""Number and Slider components whose values the handlers check, not Gradio.
+"""Number, Slider and choice components whose values the handlers check, not Gradio.
 
 Gradio checks a Number's or Slider's range before the handler runs and answers a value out of range with
 a toast that names no field, a traceback in the terminal and an "Error" badge on every output of the
@@ -33,18 +33,35 @@ def as_shown(value: Any, precision: int | None) -> Any:
         return None
     return gr.Number.round_to_precision(value, precision)
 
+
+class ShownAsGradios:
+    """Shown in the page by its Gradio base class's own frontend (Gradio would look for one of this name)."""
+
+    @classmethod
+    def get_block_name(cls) -> str:
+        gradio_base = next(base for base in cls.__mro__ if base.__module__.startswith("gradio."))
+        return gradio_base.__name__.lower()  # what Gradio's own Block.get_block_name gives it
+
+
+class NumberAsSent(ShownAsGradios):
+    def preprocess(self, payload: Any) -> Any:
+        return as_sent(payload, self.precision)
+
+    def postprocess(self, value: Any) -> Any:
+        return as_shown(value, self.precision)
+
+
+class ChoiceAsSent(ShownAsGradios):
+    """A choice that reaches the handler as sent (Gradio refuses a value not among the choices with a traceback
+    in the terminal; a share link can send any value). Each handler checks it."""
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+
 from gradio.events import Dependency
 
-class CheckedNumber(gr.Number):
-    @classmethod
-    def get_block_name(cls) -> str:  # the page shows it with Gradio's own Number
-        return "number"
-
-    def preprocess(self, payload: Any) -> Any:
-        return as_sent(payload, self.precision)
-
-    def postprocess(self, value: Any) -> Any:
-        return as_shown(value, self.precision)
+class CheckedNumber(NumberAsSent, gr.Number):
+    pass
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
@@ -52,63 +69,37 @@ class CheckedNumber(gr.Number):
         from gradio.components.base import Component
 
 
-class CheckedSlider(gr.Slider):
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "slider"
-
-    def preprocess(self, payload: Any) -> Any:
-        return as_sent(payload, self.precision)
-
-    def postprocess(self, value: Any) -> Any:
-        return as_shown(value, self.precision)
-    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
-    from gradio.blocks import Block
-    if TYPE_CHECKING:
-        from gradio.components import Timer
-        from gradio.components.base import Component
-class CheckedDropdown(gr.Dropdown):
-    """A dropdown whose value reaches the handler as sent (Gradio refuses a value not among the choices with
-    a traceback in the terminal; a share link can send any value). Each handler checks it."""
-
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "dropdown"
-
-    def preprocess(self, payload: Any) -> Any:
-        return payload
+class CheckedSlider(NumberAsSent, gr.Slider):
+    pass
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
         from gradio.components import Timer
         from gradio.components.base import Component
 
-    
-class CheckedRadio(gr.Radio):
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "radio"
 
-    def preprocess(self, payload: Any) -> Any:
-        return payload
+class CheckedDropdown(ChoiceAsSent, gr.Dropdown):
+    pass
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
         from gradio.components import Timer
         from gradio.components.base import Component
 
-    
-class CheckedCheckboxGroup(gr.CheckboxGroup):
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "checkboxgroup"
 
-    def preprocess(self, payload: Any) -> Any:
-        return payload
+class CheckedRadio(ChoiceAsSent, gr.Radio):
+    pass
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
         from gradio.components import Timer
         from gradio.components.base import Component
 
-    
+
+class CheckedCheckboxGroup(ChoiceAsSent, gr.CheckboxGroup):
+    pass
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
