@@ -145,7 +145,7 @@ class BatchPrefetcher:
         indices, epoch = self.cursor.next()
         if self.dist is not None:
             self.share = self.dist.share(len(indices))
-        indices = self._local(indices)
+            indices = indices[self.share.positions]
         if self.pool is None:
             return self.data.load_batch(indices, epoch)
         wanted = (tuple(indices), epoch)

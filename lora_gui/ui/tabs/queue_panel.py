@@ -11,6 +11,7 @@ from gradio.context import Context
 from lora_gui.config import ConfigError
 from lora_gui.ui import queue_view
 from lora_gui.ui.checked import CheckedDropdown
+from lora_gui.ui.guard import message_guard
 from lora_gui.ui.run_start import StartRefused
 
 
@@ -70,14 +71,6 @@ def build(session, config_tab, add_button: gr.Button) -> gr.Textbox:
                 gr.update(interactive=panel.held), gr.update(interactive=not panel.held),
                 gr.update(interactive=panel.has_done)]
 
-    def command(action):
-        def handler(chosen):
-            try:
-                return action(chosen)
-            except StartRefused as exc:
-                return f"⚠ {exc}"
-        return handler
-
     quiet = {"show_progress": "hidden"}
     add_button.click(lambda data: add_run(session, config_tab, data), config_tab.inputs(), message,
                      api_name="queue_add").then(lambda chosen: shown(chosen, opened=True), picker,
@@ -88,8 +81,9 @@ def build(session, config_tab, add_button: gr.Button) -> gr.Textbox:
                start: ("queue_start", lambda chosen: queue_view.start_queue(session)),
                hold: ("queue_hold", lambda chosen: queue_view.hold_queue(session)),
                clear: ("queue_clear", lambda chosen: queue_view.clear_done(session))}
+    guard = message_guard(message, (StartRefused,), "Press the button again; if it persists, restart the app.")
     for button, (name, action) in actions.items():
-        button.click(command(action), picker, message, api_name=name).then(
+        button.click(guard(action), picker, message, api_name=name).then(
             shown, picker, outputs, api_visibility="undocumented", **quiet)
     trigger.change(shown, picker, outputs, api_name="queue_panel", queue=False, **quiet)
     if Context.root_block is not None:
