@@ -299,7 +299,7 @@ def test_bucketing_off_gives_square_crops(tmp_path: Path):
 def test_prefetched_batches_are_the_cursors_across_epochs(tmp_path: Path):
     """dataset.num_workers threads load ahead; what the loop gets is exactly what it would load itself, in order,
     across an epoch boundary and from a resumed position."""
-    from lora_gui.engine.train import BatchPrefetcher, DataCursor
+    from lora_gui.engine.data_cursor import BatchPrefetcher, DataCursor
 
     data = TrainingData(section(tagged_dataset(tmp_path, 6), num_workers=2, shuffle_tags=True), batch_size=2, seed=3)
     sequential = DataCursor(data, epoch=1, batch_index=1)

@@ -4,6 +4,7 @@ process with twice the batch, into one set of files."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -62,10 +63,50 @@ def test_two_processes_train_the_run_of_one_process_with_twice_the_batch(tmp_pat
         pair_losses = [float(row["loss"]) for row in csv.DictReader(handle)]
     assert torch.allclose(torch.tensor(single_losses), torch.tensor(pair_losses), rtol=1e-5)
 
+    # The 2-process checkpoint resumes in 1 process (global batch 2 -> 1) at the sample it had reached.
     checkpoint = output / "checkpoints" / "step-000002"
+    saved = json.loads((checkpoint / "progress.json").read_text())
+    assert (saved["processes"], saved["global_batch"]) == (2, 2) and saved["samples_in_epoch"] >= 2
     alone = subprocess.run([sys.executable, "-m", "lora_gui", "train", "--no-plan", "--preset", "sd15-cpu-demo", *sets,
-                            "--resume", str(checkpoint)], capture_output=True, text=True, timeout=300)
-    assert alone.returncode != 0 and "saved by a run of 2 process(es); this one has 1" in alone.stderr, alone.stderr
+                            "--set", "train.max_steps=4", "--resume", str(checkpoint)],
+                           capture_output=True, text=True, timeout=300)
+    said = alone.stdout + alone.stderr
+    assert alone.returncode == 0, said[-3000:]
+    assert f"Epoch {saved['epoch']} goes on at sample {saved['samples_in_epoch']}" in said, said[-3000:]
+    resumed = json.loads((output / "checkpoints" / "step-000004" / "progress.json").read_text())
+    assert (resumed["processes"], resumed["global_batch"], resumed["epoch"]) == (1, 1, saved["epoch"])
+    assert resumed["samples_in_epoch"] == saved["samples_in_epoch"] + 2  # two more steps of one sample each
+
+
+def test_a_resume_on_another_global_batch_goes_on_at_the_same_sample(tmp_path):
+    """The cursor a resume starts from (``cursor_at``): the epoch's samples in the saved run's order, none
+    skipped or taken twice, cut into batches of the new size from one bucket each."""
+    from lora_gui.data.dataset import TrainingData
+    from lora_gui.engine.data_cursor import DataCursor, cursor_at
+
+    section = tiny_config("sd15", make_dataset(tmp_path / "images"), tmp_path / "out", "dataset.resolution=96").dataset
+    data = {size: TrainingData(section, size_multiple=8, batch_size=size, seed=5) for size in (1, 2, 3)}
+    assert len({data[1].bucket_of(sample) for sample in range(6)}) > 1  # batches must keep to one bucket
+    for saved_size, new_size in ((2, 1), (1, 2), (2, 3), (3, 2), (2, 2)):
+        saved = DataCursor(data[saved_size])
+        for _ in range(2):
+            saved.next()
+        order = [sample for batch in data[saved_size].batches_for_epoch(0) for sample in batch]
+        progress = {"epoch": 0, "samples_in_epoch": saved.samples_in_epoch, "global_batch": saved_size}
+        cursor = cursor_at(data[new_size], progress, saved_size)
+        if new_size == saved_size:  # the same batches as the saved run, from its batch index
+            assert cursor.batch_index == saved.batch_index and cursor.upcoming(9) == saved.upcoming(9)
+        taken = []
+        while cursor.epoch == 0 and cursor.upcoming(1)[0][1] == 0:
+            batch, _ = cursor.next()
+            assert len(batch) <= new_size and len({data[new_size].bucket_of(sample) for sample in batch}) == 1
+            taken += batch
+        assert sorted(taken) == sorted(order[saved.samples_in_epoch:]), (saved_size, new_size)
+        if new_size == 1:
+            assert taken == order[saved.samples_in_epoch:]  # exactly the order the saved run would have taken
+        assert cursor.next()[1] == 1 and cursor._batches == data[new_size].batches_for_epoch(1)
+    old_format = {"epoch": 0, "batch_in_epoch": 2}  # a checkpoint from before samples_in_epoch was recorded
+    assert cursor_at(data[2], old_format, 2).samples_in_epoch == sum(map(len, data[2].batches_for_epoch(0)[:2]))
 
 
 def test_gpus_asks_for_cuda_gpus_and_starts_accelerate_launch_with_the_same_command():

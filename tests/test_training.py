@@ -230,9 +230,9 @@ def test_compiled_blocks_train_the_same_lora(dataset, tmp_path, monkeypatch):
     tracing as inductor, without generating C++ (a compiler is not part of the test install)."""
     from safetensors.torch import load_file
 
-    from lora_gui.engine import train as train_module
+    from lora_gui.engine import train_setup
 
-    monkeypatch.setattr(train_module, "COMPILE_OPTIONS", {"backend": "aot_eager"})
+    monkeypatch.setattr(train_setup, "COMPILE_OPTIONS", {"backend": "aot_eager"})
     torch._dynamo.utils.counters.clear()
     events = []
     plain = train(tiny_config("zimage", dataset, tmp_path / "plain", "train.max_steps=3"))

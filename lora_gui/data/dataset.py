@@ -117,8 +117,10 @@ class TrainingData:
             f"per epoch; buckets {sizes}"
         )
 
-    def batches_for_epoch(self, epoch: int) -> list[list[int]]:
-        """Sample indices per batch, one bucket per batch; the same for the same (seed, epoch)."""
+    def batches_for_epoch(self, epoch: int, batch_size: int | None = None) -> list[list[int]]:
+        """Sample indices per batch, one bucket per batch; the same for the same (seed, epoch, batch size).
+        ``batch_size`` other than this data's: the batches a run with that size took (for a resume)."""
+        size = batch_size or self.batch_size
         rng = random.Random(f"order:{self.seed}:{epoch}")
         order = list(range(self.num_samples))
         rng.shuffle(order)
@@ -126,9 +128,9 @@ class TrainingData:
         for sample in order:
             by_bucket.setdefault(self.bucket_of(sample), []).append(sample)
         batches = [
-            group[start : start + self.batch_size]
+            group[start : start + size]
             for group in by_bucket.values()
-            for start in range(0, len(group), self.batch_size)
+            for start in range(0, len(group), size)
         ]
         rng.shuffle(batches)
         return batches

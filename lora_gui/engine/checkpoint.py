@@ -117,7 +117,7 @@ def save_checkpoint(
     write_lora: Callable[[Path], Any],
     training_state: dict,
     keep_last: int | None = None,
-    processes: int = 1,
+    data_position: dict | None = None,
 ) -> Path:
     """Write ``step-NNNNNN`` atomically, then prune older ones beyond ``keep_last`` (default: the config's)."""
     parent = checkpoints_dir(output_dir)
@@ -128,7 +128,7 @@ def save_checkpoint(
         check_weights_only_loadable(training_state)
         check_free_space(parent, estimated_checkpoint_bytes(parent, training_state))
         progress = make_progress(step, epoch, batch_in_epoch, config)
-        progress["processes"] = processes  # batch_in_epoch counts global batches of batch_size x processes
+        progress.update(data_position or {})  # processes, global_batch, samples_in_epoch (see cursor_at)
         _write_atomically(final, progress, training_state, write_lora)
     prune_checkpoints(parent, config.output.keep_last if keep_last is None else keep_last, step)
     return final

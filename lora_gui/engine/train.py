@@ -2,17 +2,15 @@
 
 Read top to bottom: prepare the data (before any model is loaded, so a broken dataset fails
 fast), load the family's model, fill the caches, attach LoRA, build the optimizer, resume if
-asked, then step until done, checking the controls at every step boundary.
+asked, then step until done, checking the controls at every step boundary. The set-up steps live in
+``train_setup.py``, the data position in ``data_cursor.py``.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,26 +20,20 @@ from lora_gui.captioning import unload_all_captioners
 from lora_gui.config import TrainingConfig, save_config
 from lora_gui.engine import checkpoint as ckpt
 from lora_gui.engine.activation_offload import offloaded_activations
-from lora_gui.engine.block_swap import BlockSwap, BlockSwapError, attach_block_swap, repeated_blocks
 from lora_gui.engine.block_swap import config_problem as block_swap_problem
-from lora_gui.engine.devices import (
-    autocast_context,
-    free_accelerator_memory,
-    resolve_placement,
-    text_encoder_device,
-)
+from lora_gui.engine.data_cursor import BatchPrefetcher, DataCursor
+from lora_gui.engine.devices import autocast_context, resolve_placement
 from lora_gui.engine.distributed import Distributed, Share, noised_share
 from lora_gui.engine.errors import NonFiniteLoss, StopRequested, TrainingError, explain
 from lora_gui.engine.families.detect import with_detected_family
 from lora_gui.engine.families.registry import get_family
-from lora_gui.engine.lora import inject_lora, load_lora_state, lora_parameters, lora_state_dicts
+from lora_gui.engine.lora import load_lora_state, lora_state_dicts
 from lora_gui.engine.lora_files import save_lora_files
-from lora_gui.engine.merge import merge_loras
 from lora_gui.engine.metrics import MetricsLog
-from lora_gui.engine.optim import build_lr_scheduler, build_optimizer, current_lr
+from lora_gui.engine.optim import current_lr
 from lora_gui.engine.outputs import OutputLock, hold_output_folder, start_fresh
-from lora_gui.engine.quantize import quantize_denoiser, quantize_text_encoders_on_cpu
-from lora_gui.engine.sampling import SampleSettings, encode_sampling_prompts, render, save_images
+from lora_gui.engine.sampling import SampleSettings, render, save_images
+from lora_gui.engine.train_setup import RunSetUp
 from lora_gui.events import (
     CheckpointSaved,
     Controls,
@@ -54,6 +46,8 @@ from lora_gui.events import (
     Stopped,
     ignore_events,
 )
+
+PAUSE_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -95,78 +89,7 @@ def train(
         controls.cancel_jobs("The training run ended before this request could run.")
 
 
-class DataCursor:
-    """Where training is in the data: epoch and batch index, advanced one micro-batch at a time."""
-
-    def __init__(self, data, epoch: int = 0, batch_index: int = 0) -> None:
-        self.data = data
-        self.epoch = epoch
-        self.batch_index = batch_index
-        self._batches = data.batches_for_epoch(epoch)
-
-    def next(self) -> tuple[list[int], int]:
-        if self.batch_index >= len(self._batches):
-            self.epoch += 1
-            self.batch_index = 0
-            self._batches = self.data.batches_for_epoch(self.epoch)
-        indices = self._batches[self.batch_index]
-        self.batch_index += 1
-        return indices, self.epoch
-
-    def upcoming(self, count: int) -> list[tuple[list[int], int]]:
-        """The next ``count`` positions ``next()`` will return, without moving."""
-        epoch, index, batches, positions = self.epoch, self.batch_index, self._batches, []
-        while len(positions) < count:
-            if index >= len(batches):
-                epoch, index = epoch + 1, 0
-                batches = self.data.batches_for_epoch(epoch)
-                if not batches:
-                    break
-            positions.append((batches[index], epoch))
-            index += 1
-        return positions
-
-
-class BatchPrefetcher:
-    """The cursor's batches, loaded ``workers`` at a time on background threads while a step runs
-    (``dataset.num_workers``; 0 loads each batch when it is needed). Loading a batch is a pure function of
-    its position, so prefetching changes nothing but the time it takes."""
-
-    def __init__(self, data, cursor: DataCursor, workers: int, dist: Distributed | None = None) -> None:
-        self.data, self.cursor, self.workers, self.dist = data, cursor, workers, dist
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="lora-gui-batches") if workers else None
-        self.pending: deque[tuple[tuple, Future]] = deque()
-        self.share: Share | None = None  # this process's part of the last global batch (distributed runs)
-
-    def _local(self, indices: list[int]) -> list[int]:
-        return indices if self.dist is None else indices[self.dist.share(len(indices)).positions]
-
-    def next(self):
-        indices, epoch = self.cursor.next()
-        if self.dist is not None:
-            self.share = self.dist.share(len(indices))
-            indices = indices[self.share.positions]
-        if self.pool is None:
-            return self.data.load_batch(indices, epoch)
-        wanted = (tuple(indices), epoch)
-        while self.pending and self.pending[0][0] != wanted:
-            self.pending.popleft()[1].cancel()
-        future = self.pending.popleft()[1] if self.pending else self.pool.submit(self.data.load_batch, indices, epoch)
-        queued = {key for key, _ in self.pending}
-        for ahead_indices, ahead_epoch in self.cursor.upcoming(self.workers * 2):
-            ahead_indices = self._local(ahead_indices)
-            key = (tuple(ahead_indices), ahead_epoch)
-            if key not in queued:
-                self.pending.append((key, self.pool.submit(self.data.load_batch, ahead_indices, ahead_epoch)))
-                queued.add(key)
-        return future.result()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-class TrainingRun:
+class TrainingRun(RunSetUp):
     def __init__(self, config: TrainingConfig, emit: Emit, controls: Controls, overwrite: bool = False) -> None:
         self.config = config
         self.emit = emit
@@ -183,6 +106,10 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ orchestration
     @property
+    def processes(self) -> int:
+        return 1 if self.dist is None else self.dist.world_size
+
+    @property
     def is_main(self) -> bool:
         """Whether this process writes the files and reports (always, unless it is one of several)."""
         return self.dist is None or self.dist.is_main
@@ -192,8 +119,6 @@ class TrainingRun:
         if not self.is_main:
             self.emit = ignore_events  # the main process reports for the run
         resume = self.load_resume(resume_from)
-        if resume is not None:
-            self.check_same_processes(resume[0])
         if self.is_main:
             self.output_lock = hold_output_folder(self.output_dir)
             if resume is None:
@@ -232,15 +157,6 @@ class TrainingRun:
             save_config(self.config, self.output_dir / "config.toml")
             self.metrics = MetricsLog(self.output_dir, self.step, self.config.output.tensorboard)
 
-    def check_same_processes(self, progress: dict) -> None:
-        saved, now = int(progress.get("processes", 1)), 1 if self.dist is None else self.dist.world_size
-        if saved != now:
-            raise TrainingError(
-                f"This checkpoint was saved by a run of {saved} process(es); this one has {now}. Its place in the "
-                "data counts batches of that run, so it resumes only with the same number of processes.",
-                f"Start the resume with {saved} process(es) (for example torchrun --nproc_per_node {saved}, or "
-                "without a launcher for 1).")
-
     def in_turn(self, work):
         """``work()`` on the main process first, then on the others (which then find the caches it filled)."""
         if self.dist is None:
@@ -272,248 +188,6 @@ class TrainingRun:
             self.output_lock.release()
             self.output_lock = None
 
-    # ------------------------------------------------------------------ setup
-    def load_resume(self, resume_from: str | Path | None) -> tuple[dict, dict] | None:
-        """A checkpoint's (progress, training state), refused before any work if it does not fit the config."""
-        if resume_from is None:
-            return None
-        progress, state = ckpt.load_checkpoint(Path(resume_from))
-        ckpt.check_resume_compatible(progress, self.config)
-        return progress, state
-
-    def prepare_data(self):
-        from lora_gui.data.dataset import TrainingData
-        from lora_gui.data.doctor import training_records
-
-        dataset = self.config.dataset
-        if not dataset.dir:
-            raise TrainingError("dataset.dir is empty.", "Set dataset.dir to a folder of images with .txt captions.")
-        self.status(f"Checking {dataset.dir}")
-        records = training_records(
-            dataset, size_multiple=self.family.size_multiple, log=self.status,
-            progress=self.progress_status("Checking dataset images"),
-        )
-        processes = 1 if self.dist is None else self.dist.world_size
-        data = TrainingData(  # a distributed run walks global batches: each process takes its share
-            dataset, size_multiple=self.family.size_multiple, batch_size=self.config.train.batch_size * processes,
-            seed=self.config.train.seed, log=self.status, records=records,
-        )
-        self.status(data.describe())
-        if self.dist is not None:
-            train = self.config.train
-            self.status(f"{processes} processes train together: effective batch {train.batch_size} per process x "
-                        f"{processes} processes x {train.gradient_accumulation} accumulation = "
-                        f"{train.batch_size * processes * train.gradient_accumulation} samples per step")
-        return data
-
-    def load_model(self) -> None:
-        """Load the text encoders and the VAE into CPU memory; the denoiser follows once the caches are full
-        (``load_denoiser``), so that system memory holds the large parts one after the other. The parts move to
-        the accelerator as they are needed, so it never holds the encoders and the full model at once."""
-        self.components = self.family.load(self.config.model, torch.device("cpu"), self.placement.weight_dtype,
-                                           self.emit)
-        self.components.device = self.placement.device
-        warning = self.family.distillation_warning(self.components)
-        if warning:
-            self.status(f"Warning: {warning}")
-        if self.config.model.merge_loras:  # LoRAs may change the text encoders too: fused before caching
-            self.load_denoiser_weights()
-            merge_loras(self.family, self.components, self.config.model.merge_loras, self.emit)
-        self.quantize_text_encoders()
-
-    def load_denoiser_weights(self):
-        if not self.components.denoiser_loaded:
-            self.status(f"Loading the {self.family.denoiser_key}")
-        return self.components.denoiser
-
-    def load_denoiser(self) -> None:
-        """The denoiser, quantized if asked (on the CPU, before it moves), on the accelerator."""
-        denoiser = self.load_denoiser_weights()
-        self.check_stop()
-        mode = self.config.model.quantize
-        if mode != "none":
-            count = quantize_denoiser(denoiser, mode, torch.device("cpu"))
-            self.status(f"Quantized {count} layers of the {self.family.denoiser_key} to {mode}")
-        if self.config.model.block_swap <= 0:  # with block swap the denoiser moves once its LoRA is attached
-            denoiser.to(self.placement.device)
-
-    def quantize_text_encoders(self) -> None:
-        mode = self.config.model.quantize_text_encoders
-        if mode == "none":
-            return
-        if self.config.lora.train_text_encoder:
-            raise TrainingError("model.quantize_text_encoders cannot be used with lora.train_text_encoder.",
-                                "Set model.quantize_text_encoders = 'none' to train the text encoder, or turn "
-                                "lora.train_text_encoder off.")
-        count = quantize_text_encoders_on_cpu(self.components.text_encoders, mode)
-        self.status(f"Quantized {count} layers of the text encoder(s) to {mode}")
-        load_again = self.components.text_encoder_loader
-        if load_again is not None:
-            def quantized_again() -> list:
-                encoders = load_again()
-                quantize_text_encoders_on_cpu(encoders, mode)
-                return encoders
-
-            self.components.text_encoder_loader = quantized_again
-
-    def cache_dir(self) -> Path:
-        return Path(self.config.dataset.cache_dir or self.output_dir / "cache")
-
-    def model_key(self) -> str:
-        model = self.config.model
-        merged = f"|merged {model.merge_loras}" if model.merge_loras else ""
-        quantized = f"|text encoders {model.quantize_text_encoders}" if model.quantize_text_encoders != "none" else ""
-        files = f"|files {model.text_encoder_files} {model.vae_file}" if model.text_encoder_files or model.vae_file else ""
-        return (f"{model.family}|{model.base}|{model.revision}|{self.components.source}|{self.components.vae.dtype}"
-                f"{merged}{quantized}{files}")
-
-    def fill_caches(self) -> None:
-        """Encode images and captions once; the VAE and text encoders then leave the accelerator and the
-        denoiser takes their place."""
-        dataset, comps, device = self.config.dataset, self.components, self.placement.device
-        comps.vae.to(device)
-        if dataset.cache_latents:
-            self.in_turn(self.cache_latents)
-            self.offload(comps.vae)
-        encoder_device = text_encoder_device(comps.text_encoders, device)  # with the VAE gone, if it could go
-        if encoder_device != device:
-            self.status("The text encoders do not fit in the free GPU memory: captions are encoded on the CPU "
-                        "(slower, once; they are cached).")
-        for encoder in comps.text_encoders:
-            encoder.to(encoder_device)
-        self.text_cached = False
-        if dataset.cache_text and not self.config.lora.train_text_encoder:
-            cached = self.in_turn(self.cache_text)
-            self.text_cached = bool(cached)
-            if not cached:
-                self.status(f"Text embeddings are computed at each step: {cached.reason}")
-            else:
-                self.sample_prompts = encode_sampling_prompts(self.family, comps, self.sample_settings())
-                for encoder in comps.text_encoders:
-                    self.offload(encoder)
-                self.release_text_encoders()
-        free_accelerator_memory()
-
-    def release_text_encoders(self) -> None:
-        """Every caption and validation prompt is encoded: the text encoders leave system memory before the
-        denoiser loads (they load again if a new prompt needs them). Fused LoRAs keep them, since a reload
-        would lose the fusion."""
-        if self.config.model.merge_loras or self.components.denoiser_loaded:
-            return
-        if self.components.release_text_encoders():
-            gc.collect()
-            self.status("Captions and validation prompts are cached: the text encoders leave memory until needed")
-
-    def cache_latents(self) -> None:
-        comps, device = self.components, self.placement.device
-
-        def encode_images(pixels: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return self.family.encode_images(comps, pixels.to(device, comps.vae.dtype)).float().cpu()
-
-        self.data.fill_latent_cache(encode_images, self.cache_dir(), self.model_key(),
-                                    self.progress_status("Caching latents"))
-
-    def cache_text(self):
-        comps = self.components
-
-        def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
-            with torch.no_grad():
-                embeds = self.family.encode_prompts(comps, captions)
-            return {k: v.float().cpu() for k, v in embeds.items()}
-
-        return self.data.fill_text_cache(encode_text, self.cache_dir(), self.model_key(),
-                                         self.progress_status("Caching text embeddings"),
-                                         planned=self.planned_captions())
-
-    def planned_captions(self) -> list[str]:
-        """Every caption the remaining steps will train with (tag shuffling and dropout applied): where the
-        data cursor will go from the start or the resumed position."""
-        progress, train = self.resume_progress, self.config.train
-        cursor = DataCursor(self.data, int(progress.get("epoch", 0)), int(progress.get("batch_in_epoch", 0)))
-        remaining = max(0, train.max_steps - int(progress.get("step", 0))) * train.gradient_accumulation
-        return sorted({self.data.caption_for(sample, epoch)
-                       for indices, epoch in cursor.upcoming(remaining) for sample in indices})
-
-    def progress_status(self, label: str):
-        """A progress callback for one unit of work at a time; it is also where a stop request lands."""
-
-        def report(done: int, total: int) -> None:
-            self.check_stop()
-            self.status(f"{label} {done}/{total}", done, total)
-
-        return report
-
-    def offload(self, module) -> None:
-        """Caches are full: the module leaves the accelerator until sampling needs it."""
-        if self.placement.device.type != "cpu":
-            module.to("cpu")
-
-    def attach_lora(self) -> None:
-        lora = self.config.lora
-        self.lora_modules = self.family.trainable_modules(self.components, lora.train_text_encoder)
-        targets = {
-            key: (self.family.lora_targets(lora.targets, self.components.denoiser) if key == self.family.denoiser_key
-                  else self.family.text_encoder_lora_targets)
-            for key in self.lora_modules
-        }
-        torch.manual_seed(self.config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
-        inject_lora(self.lora_modules, targets, lora)
-        if self.config.train.gradient_checkpointing:
-            self.enable_gradient_checkpointing()
-        self.block_swap = self.swap_blocks()
-        for module in self.lora_modules.values():
-            module.train()
-        if self.config.train.compile_blocks:
-            self.compile_blocks()
-
-    def compile_blocks(self) -> None:
-        """train.compile_blocks: torch.compile each repeated block in place (the first steps compile them)."""
-        from lora_gui.engine.families.common import unwrap
-
-        denoiser = unwrap(self.components.denoiser)
-        if not getattr(denoiser, "_repeated_blocks", None):
-            raise TrainingError(f"train.compile_blocks: the {self.family.label} denoiser has no repeated blocks to "
-                                "compile.", "Set train.compile_blocks = false.")
-        denoiser.compile_repeated_blocks(**COMPILE_OPTIONS)
-        self.status("Compiling the repeated blocks with torch.compile during the first steps (a minute or more)")
-
-    def swap_blocks(self) -> BlockSwap | None:
-        """model.block_swap: the last blocks' frozen weights stay in system memory (see engine/block_swap.py)."""
-        model, denoiser = self.config.model, self.components.denoiser
-        try:
-            swap = attach_block_swap(denoiser, model.block_swap, self.placement.device,
-                                     self.config.train.gradient_checkpointing, model.quantize)
-        except BlockSwapError as exc:
-            raise TrainingError(str(exc), "Change the setting named above, or set model.block_swap = 0.") from None
-        if swap is not None:
-            stored = sum(t.numel() * t.element_size() for tensors in swap.stored.values() for t in tensors)
-            self.status(f"Block swap: the frozen weights of the last {model.block_swap} of "
-                        f"{len(repeated_blocks(denoiser))} blocks ({stored / 1024**3:.1f} GiB) stay in system "
-                        "memory and visit the accelerator one block at a time")
-        return swap
-
-    def enable_gradient_checkpointing(self) -> None:
-        for key, module in self.lora_modules.items():
-            if key == self.family.denoiser_key:
-                module.enable_gradient_checkpointing()
-            else:  # transformers 5.24 renamed it; the old name goes in transformers 6
-                enable = getattr(module, "activation_checkpointing_enable", None) or module.gradient_checkpointing_enable
-                enable()
-
-    def build_optimization(self) -> None:
-        train, lora = self.config.train, self.config.lora
-        params = lora_parameters(self.lora_modules)
-        groups = [{"params": params[self.family.denoiser_key], "lr": train.learning_rate}]
-        for key, group in params.items():
-            if key != self.family.denoiser_key and group:
-                groups.append({"params": group, "lr": lora.text_encoder_lr or train.learning_rate})
-        self.trainable = [p for group in groups for p in group["params"]]
-        self.optimizer = build_optimizer(groups, train)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, train)
-        self.scaler = torch.amp.GradScaler("cuda") if self.placement.uses_grad_scaler else None
-        self.objective = self.family.make_objective(self.components, train)
-
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> str | None:
         """A resumable checkpoint, written by the main process (every process holds the same state)."""
@@ -533,7 +207,8 @@ class TrainingRun:
             config=self.config,
             write_lora=lambda folder: self.write_lora(folder / f"{self.config.output.name}.safetensors"),
             training_state=training_state,
-            processes=1 if self.dist is None else self.dist.world_size,
+            data_position={"processes": self.processes, "global_batch": self.data.batch_size,
+                           "samples_in_epoch": self.cursor.samples_in_epoch},
         )
         self.emit(CheckpointSaved(step=self.step, path=str(path)))
         return str(path)
@@ -545,8 +220,14 @@ class TrainingRun:
         if missing:
             self.status(f"Note: random state for {', '.join(missing)} could not be restored on this machine")
         self.step = int(progress["step"])
-        self.cursor = DataCursor(self.data, int(progress["epoch"]), int(progress["batch_in_epoch"]))
+        self.cursor = self.resumed_cursor(progress)
         self.status(f"Resumed from {folder} at step {self.step}")
+        saved_processes, saved_batch = int(progress.get("processes", 1)), self.saved_global_batch(progress)
+        if saved_batch != self.data.batch_size or saved_processes != self.processes:
+            self.status(f"The checkpoint was trained by {saved_processes} process(es) with a global batch of "
+                        f"{saved_batch}; this run has {self.processes} with {self.data.batch_size}. Epoch "
+                        f"{self.cursor.epoch} goes on at sample {self.cursor.samples_in_epoch}, in batches of the "
+                        "new size.")
 
     def metadata(self) -> dict[str, str]:
         config = self.config
@@ -587,11 +268,10 @@ class TrainingRun:
         self.status(f"Training {self.family.label} LoRA: {train.max_steps - self.step} steps to go")
         window: list[float] = []
         while self.step < train.max_steps:
-            if self.controls.paused:
+            stop, paused = self.requests()
+            if paused:
                 self.pause()
-            stop = self.controls.stop_requested
-            if self.dist is not None:
-                stop = self.dist.any(stop)  # every process stops at the same step
+                stop = self.requests()[0]
             if stop:
                 return self.stop()
             self.controls.run_jobs(self.family, self.components)
@@ -678,6 +358,11 @@ class TrainingRun:
             sec_per_step=average_seconds, eta_seconds=remaining,
         ))
 
+    def requests(self) -> tuple[bool, bool]:
+        """(stop, pause) as asked of any process: every process stops or pauses at the same step."""
+        stop, paused = self.controls.stop_requested, self.controls.paused and not self.controls.stop_requested
+        return (stop, paused) if self.dist is None else self.dist.any(stop, paused)
+
     def pause(self) -> None:
         self.status(f"Paused at step {self.step}")
 
@@ -691,7 +376,12 @@ class TrainingRun:
                 except StopRequested:
                     pass  # the loop stops (and saves) as soon as the pause ends
 
-        self.controls.wait_while_paused(on_idle=while_paused)
+        if self.dist is None:
+            self.controls.wait_while_paused(on_idle=while_paused)
+        else:  # the processes ask each other whether the pause goes on (only the main one is asked to pause)
+            while self.requests()[1]:
+                while_paused()
+                time.sleep(PAUSE_POLL_S)
         if not self.controls.stop_requested:
             self.status(f"Resumed at step {self.step}")
 
@@ -732,7 +422,3 @@ class TrainingRun:
         self.status(f"Finished: {kohya_path}")
         self.emit(Finished(step=self.step, lora_path=str(kohya_path), diffusers_path=str(diffusers_path)))
         return TrainResult(status="finished", step=self.step, lora_path=str(kohya_path), checkpoint=checkpoint)
-
-
-# torch.compile's options for train.compile_blocks (its default backend, inductor, unless a test says otherwise).
-COMPILE_OPTIONS: dict = {}
