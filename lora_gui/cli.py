@@ -13,7 +13,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-gui",
-        description="Train LoRA adapters for Stable Diffusion 1.5, SDXL and Flux.1.",
+        description="Train LoRA adapters for diffusion image models (see `lora-gui presets` for the families).",
     )
     parser.add_argument("--version", action="store_true",
                         help="print the app's version, PyTorch's CUDA build and GPU, and the library versions")
@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gpus", metavar="N", help="train on N GPUs of this machine (or 'all'), one process each, "
                                                    "started through accelerate launch; the effective batch is "
                                                    "train.batch_size x N x train.gradient_accumulation")
+    train.add_argument("--events", action="store_true",
+                       help="for programs that drive the run (the app): print the run's events as JSON lines on "
+                            "stdout and read commands ({\"command\": \"pause\"}; pause, continue, sample, "
+                            "save, stop) from stdin; stdin closing stops the run with a checkpoint")
+    train.add_argument("--dataset-root", metavar="DIR",
+                       help="read the dataset's images only inside DIR (links out of it are left out)")
 
     sample = commands.add_parser("sample", help="render images with a LoRA at one or more scales")
     sample.add_argument("--config", required=True, help="config file naming the base model and sample settings")
@@ -181,16 +187,25 @@ def run_train(args) -> int:
         if refusal:
             return refuse(refusal, EXIT_FAILED)
 
+    from contextlib import nullcontext
+
+    from lora_gui.data.scan import confined_to
     from lora_gui.engine.errors import TrainingError
     from lora_gui.engine.train import train
     from lora_gui.events import Controls, ignore_events
 
     controls = Controls()
     printer = ProgressPrinter(config.train.max_steps)
+    emit = printer.handle if main_process else ignore_events
+    if args.events and main_process:
+        from lora_gui.event_lines import EventWriter, follow_commands
+
+        emit = EventWriter(sys.stdout)
+        follow_commands(sys.stdin, controls)
     restore = install_stop_handlers(controls, printer)
     try:
-        result = train(config, printer.handle if main_process else ignore_events, controls, resume_from=resume,
-                       overwrite=args.overwrite)
+        with confined_to(Path(args.dataset_root)) if args.dataset_root else nullcontext():
+            result = train(config, emit, controls, resume_from=resume, overwrite=args.overwrite)
     except TrainingError:
         return EXIT_FAILED  # the printer already showed the message and the hint
     except KeyboardInterrupt:
@@ -199,6 +214,8 @@ def run_train(args) -> int:
     finally:
         printer.close()
         restore()
+    if args.events:  # the events said how it ended (a launcher reports any other code as a failure)
+        return EXIT_OK
     if not main_process:
         return EXIT_STOPPED if result.status == "stopped" else EXIT_OK
     if result.status == "stopped":

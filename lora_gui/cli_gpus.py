@@ -33,8 +33,22 @@ def wanted_processes(text: str | None, available: int) -> int:
 
 def accelerate_command(args, processes: int) -> list[str]:
     """``accelerate launch`` running this train command (without ``--gpus``) in ``processes`` processes."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "-m", "lora_gui", "train"]
+    return launcher_command(processes, cuda=True) + train_arguments(args)
+
+
+def launcher_command(processes: int, cuda: bool) -> list[str]:
+    """The launcher starting ``processes`` processes of ``-m lora_gui``: ``accelerate launch`` on CUDA GPUs;
+    on CPUs torchrun (``accelerate launch --cpu`` starts one process however many are asked for)."""
+    if cuda:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                str(processes), "-m", "lora_gui"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "lora_gui"]
+
+
+def train_arguments(args) -> list[str]:
+    """``train`` and its options, as given (``--gpus`` left out)."""
+    command = ["train"]
     if args.config:
         command.append(args.config)
     if args.preset:
@@ -43,8 +57,10 @@ def accelerate_command(args, processes: int) -> list[str]:
         command += ["--set", item]
     if args.resume:
         command += ["--resume", args.resume]
-    command += [flag for flag, given in (("--overwrite", args.overwrite), ("--no-plan", args.no_plan)) if given]
-    return command
+    if getattr(args, "dataset_root", None):
+        command += ["--dataset-root", args.dataset_root]
+    flags = (("--overwrite", args.overwrite), ("--no-plan", args.no_plan), ("--events", getattr(args, "events", False)))
+    return command + [flag for flag, given in flags if given]
 
 
 def cuda_gpus() -> int:

@@ -135,9 +135,11 @@ def test_sigterm_stops_every_process_at_one_step_and_one_checkpoint_is_saved(tmp
 
     dataset = make_dataset(tmp_path / "images")
     output = tmp_path / "run"
+    # An empty model cache: the first process builds the built-in model while the other waits (transformers
+    # saves on the first process only, so a model built by another would lack its weights).
     sets = [f"--set={item}" for item in (f"dataset.dir={dataset}", f"output.dir={output}", "train.max_steps=100000",
                                           "train.batch_size=1", "sample.every=0", "output.save_every=0",
-                                          "sample.prompts=[]")]
+                                          "sample.prompts=[]", f"model.cache_dir={tmp_path / 'empty-cache'}")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "lora_gui", "train", "--no-plan", "--preset", "sd15-cpu-demo", *sets]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)

@@ -63,11 +63,13 @@ class Distributed:
             return Share(slice(0, 1), 0.0, count)
         return Share(slice(start, start + size), size / count, count)
 
-    def any(self, flag: bool) -> bool:
-        """Whether any process says yes (a stop requested on one stops them all at the same step)."""
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """For each flag, whether any process says yes (a stop or a pause asked of one process holds for all,
+        at the same step); one reduction for them all."""
         from accelerate.utils import reduce
 
-        return bool(reduce(torch.tensor([float(flag)], device=self.state.device), reduction="sum").item() > 0)
+        summed = reduce(torch.tensor([float(flag) for flag in flags], device=self.state.device), reduction="sum")
+        return tuple(bool(value > 0) for value in summed.tolist())
 
     def sum_gradients(self, parameters: list[torch.Tensor], loss: torch.Tensor) -> float:
         """Sum every process's gradients and weighted loss in one reduction; returns the global batch's loss."""

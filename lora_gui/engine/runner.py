@@ -50,6 +50,7 @@ class RunSnapshot:
     log: list[str] = field(default_factory=list)
     result_path: str | None = None
     error: Failed | None = None
+    processes: int = 1  # more than 1: the run trains in processes of its own, one per GPU
 
 
 class TrainingRunner:
@@ -63,19 +64,23 @@ class TrainingRunner:
         self.confine_to: Callable[[Path], Path] | None = None
         self._changes = 0  # counts events recorded; see version()
         self._versioned: RunSnapshot | None = None
+        # The command starting N processes of ``-m lora_gui`` (a run on several GPUs); see cli_gpus.
+        self.launcher: Callable[[int], list[str]] = default_launcher
 
     # ------------------------------------------------------------------ commands
     def start(self, config: TrainingConfig, resume_from: str | Path | None = None, overwrite: bool = False,
-              on_end: Callable[[RunSnapshot], None] | None = None) -> None:
+              on_end: Callable[[RunSnapshot], None] | None = None, processes: int = 1) -> None:
         """Train on the background thread; ``on_end`` gets the final snapshot on that thread when the run ends
-        (finished, stopped or failed)."""
+        (finished, stopped or failed). With ``processes`` > 1 the thread follows a run in that many processes of
+        its own (one per GPU), which the same commands drive."""
         with self._lock:
             if self.is_active:
                 raise RunAlreadyActive("A training run is already in progress; stop it before starting another.")
             self._controls = Controls()
             step = checkpoint_step(Path(resume_from)) if resume_from is not None else None
             self._snapshot = RunSnapshot(state="running", max_steps=config.train.max_steps, step=step or 0,
-                                         status=f"Resuming from step {step}" if step else "Starting")
+                                         status=f"Resuming from step {step}" if step else "Starting",
+                                         processes=max(1, processes))
             if step:  # the plots and the gallery show the whole run, the part before the checkpoint too
                 prompts = tuple(prompt for prompt in config.sample.prompts if prompt.strip())
                 self._snapshot.losses = earlier_losses(Path(config.output.dir), step)
@@ -114,6 +119,8 @@ class TrainingRunner:
         """Run ``job(family, components)`` on the training thread (at a step boundary or while paused)."""
         if not self.is_active:
             raise RuntimeError("No training run is active, so there is no model in memory to use.")
+        if self._snapshot.processes > 1:
+            raise InOtherProcesses(IN_OTHER_PROCESSES)
         return self._controls.submit(job)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -156,8 +163,11 @@ class TrainingRunner:
 
         try:
             confine = None if self.confine_to is None else self.confine_to(Path(config.dataset.dir))
-            with confined_to(confine) if confine is not None else nullcontext():
-                train(config, self._record, self._controls, resume_from=resume_from, overwrite=overwrite)
+            if self._snapshot.processes > 1:
+                self._run_in_processes(config, resume_from, overwrite, confine)
+            else:
+                with confined_to(confine) if confine is not None else nullcontext():
+                    train(config, self._record, self._controls, resume_from=resume_from, overwrite=overwrite)
         except Exception:  # already reported through a Failed event
             pass
         finally:
@@ -167,10 +177,39 @@ class TrainingRunner:
             if on_end is not None:
                 on_end(self.snapshot())
 
+    def _run_in_processes(self, config: TrainingConfig, resume_from, overwrite: bool, confine: Path | None) -> None:
+        import tempfile
+
+        from lora_gui.config import save_config
+        from lora_gui.engine.process_run import ProcessRun, train_command
+
+        processes = self._snapshot.processes
+        self._record(Status(text=f"Starting {processes} training processes, one per GPU"))
+        with tempfile.TemporaryDirectory(prefix="lora-gui-run-") as folder:
+            config_file = Path(folder) / "config.toml"
+            save_config(config, config_file)
+            command = train_command(self.launcher(processes), config_file, resume_from, overwrite, confine)
+            ProcessRun(command, self._record, self._controls).run()
+
     def _record(self, event: Event) -> None:
         with self._lock:
             _apply(self._snapshot, event)
             self._changes += 1
+
+
+class InOtherProcesses(RuntimeError):
+    """The run's model is in processes of its own: nothing can run on it from the app."""
+
+
+IN_OTHER_PROCESSES = ("This run trains on several GPUs, in processes of their own: its weights in memory can be "
+                      "tested only in a run on one GPU. Press Save now and test that checkpoint once the run has "
+                      "ended or stopped.")
+
+
+def default_launcher(processes: int) -> list[str]:
+    from lora_gui.cli_gpus import cuda_gpus, launcher_command
+
+    return launcher_command(processes, cuda=cuda_gpus() > 0)
 
 
 def _apply(snap: RunSnapshot, event: Event) -> None:

@@ -123,7 +123,7 @@ class TrainingRun(RunSetUp):
             self.output_lock = hold_output_folder(self.output_dir)
             if resume is None:
                 start_fresh(self.output_dir, self.config.output.name, self.overwrite)
-        self.in_turn(lambda: None)  # the folder is ready before another process reads its caches
+        self.in_turn(self.build_builtin_base)  # and the folder is ready before another process reads its caches
         try:
             self.set_up(resume_from, resume)
         except StopRequested:

@@ -55,6 +55,18 @@ class RunSetUp:
                         f"{train.batch_size * processes * train.gradient_accumulation} samples per step")
         return data
 
+    def build_builtin_base(self) -> None:
+        """A built-in model is built on first use; in a distributed run by the main process, before the others
+        read it (transformers saves a model on the first process only, so the others would build it broken)."""
+        from lora_gui.engine.families.builtin import ensure_builtin, is_builtin
+
+        model = self.config.model
+        if is_builtin(model.base):
+            try:
+                ensure_builtin(model.base, model.cache_dir)
+            except ValueError:
+                pass  # an unknown name: loading the model says so
+
     def load_model(self) -> None:
         """Load the text encoders and the VAE into CPU memory; the denoiser follows once the caches are full
         (``load_denoiser``), so that system memory holds the large parts one after the other. The parts move to
