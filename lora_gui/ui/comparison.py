@@ -20,6 +20,7 @@ from pathlib import Path
 from lora_gui.config import ConfigError, TrainingConfig, build_config
 from lora_gui.engine.checkpoint import checkpoint_step, list_checkpoints
 from lora_gui.engine.compare import NO_LORA, grid_image
+from lora_gui.engine.runner import IN_OTHER_PROCESSES
 from lora_gui.engine.sampling import SampleSettings
 from lora_gui.ui.workspace import OutsideWorkspace
 
@@ -114,7 +115,7 @@ def paused_step(session, run_dir: Path) -> int | None:
     if not runner.is_active or runner.output_dir is None or Path(runner.output_dir).resolve() != run_dir.resolve():
         return None
     snapshot = runner.snapshot()
-    return snapshot.step if snapshot.state == "paused" else None
+    return snapshot.step if snapshot.state == "paused" and snapshot.processes == 1 else None
 
 
 def lora_choices(run_dir: Path, current_step: int | None = None) -> list[LoraChoice]:
@@ -326,7 +327,10 @@ def _render_on_active_run(runner, request: ComparisonRequest, paths, labels, pro
             f"A training run is using the GPU ({active_dir.name if active_dir else 'another run'}). Test that run "
             "while it is paused, or wait until it ends (or stop it) to test other runs."
         )
-    state = runner.snapshot().state
+    snapshot = runner.snapshot()
+    state = snapshot.state
+    if snapshot.processes > 1:
+        raise ComparisonError(IN_OTHER_PROCESSES)
     if state == "stopping":
         raise ComparisonError("The run is stopping and saving a checkpoint; test it once it has stopped.")
     if state != "paused":

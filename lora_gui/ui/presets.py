@@ -246,7 +246,18 @@ def problems_text(message: str) -> str:
     return "**Validation:** ✗ fix these before training:\n" + "\n".join(items)
 
 
-def valid_text(config: TrainingConfig) -> str:
+def effective_batch_text(config: TrainingConfig, gpus: int = 1) -> str:
+    """The samples one optimizer step sees: per-GPU batch x GPUs x accumulation."""
+    batch, accumulation = config.train.batch_size, config.train.gradient_accumulation
+    text = (f"**Effective batch:** {batch} per GPU × {accumulation} accumulation = {batch * accumulation} samples "
+            "per step")
+    if gpus > 1:
+        text += (f"; on {gpus} GPUs (Train tab → GPUs): {batch} × {gpus} × {accumulation} = "
+                 f"{batch * gpus * accumulation}")
+    return text + "."
+
+
+def valid_text(config: TrainingConfig, gpus: int = 1) -> str:
     warnings = []
     if not config.dataset.dir:
         warnings.append("`dataset.dir` is empty: pick a folder in the Dataset tab before training.")
@@ -255,4 +266,5 @@ def valid_text(config: TrainingConfig) -> str:
     if not any(prompt.strip() for prompt in config.sample.prompts):
         warnings.append("`sample.prompts` is empty: no validation images will be rendered (add one prompt per "
                         "line to see the LoRA's progress).")
-    return "**Validation:** ✓ Config is valid." + "".join(f"\n- ⚠ {w}" for w in warnings)
+    return ("**Validation:** ✓ Config is valid. " + effective_batch_text(config, gpus)
+            + "".join(f"\n- ⚠ {w}" for w in warnings))

@@ -26,8 +26,9 @@ class QueuePanel:
     counts: dict[str, int]  # runs per state
 
 
-def add_to_queue(session, config) -> str:
-    """Queue ``config`` (the Config tab's, already valid) behind what is waiting; refused with what to do."""
+def add_to_queue(session, config, processes: int = 1) -> str:
+    """Queue ``config`` (the Config tab's, already valid) to train on ``processes`` GPUs behind what is waiting;
+    refused with what to do."""
     checked = confine_paths(session.workspace, config)
     output = Path(checked.output.dir).resolve()
     workspace, queue = session.workspace, session.run_queue
@@ -42,7 +43,7 @@ def add_to_queue(session, config) -> str:
     if problem:
         raise StartRefused(f"{problem}. A queued run never deletes an earlier one: change output.dir on the Config "
                            "tab (or Name, which it follows).")
-    queue.add(config, describe(config, shown))
+    queue.add(config, describe(config, shown, processes), processes)
     position = queue.waiting()
     if queue.held:
         return (f"Added to the queue ({position} waiting). The queue is held ({queue.hold_reason}): press Start "

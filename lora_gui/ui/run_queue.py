@@ -40,6 +40,7 @@ class QueuedRun:
     state: str = WAITING  # waiting, running, finished, failed, stopped, interrupted
     detail: str = ""
     added: float = field(default_factory=time.time)
+    processes: int = 1  # the GPUs it trains on, one process each
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,16 @@ class QueueRow:
     detail: str
 
 
-def describe(config: TrainingConfig, output_shown: str) -> str:
-    return f"{config.output.name} → {output_shown} · {config.model.family} · {config.train.max_steps} steps"
+def describe(config: TrainingConfig, output_shown: str, processes: int = 1) -> str:
+    gpus = f" · {processes} GPUs" if processes > 1 else ""
+    return f"{config.output.name} → {output_shown} · {config.model.family} · {config.train.max_steps} steps{gpus}"
 
 
 class RunQueue:
-    """``prepare(config)`` turns a queued config into the one to train (or raises ``StartRefused``) right before
-    it starts; ``started(config)`` is told of each start (the app records it as the current run)."""
+    """``prepare(config, processes)`` turns a queued config into the one to train (or raises ``StartRefused``)
+    right before it starts; ``started(config)`` is told of each start (the app records it as the current run)."""
 
-    def __init__(self, path: Path, runner: TrainingRunner, prepare: Callable[[TrainingConfig], TrainingConfig],
+    def __init__(self, path: Path, runner: TrainingRunner, prepare: Callable[[TrainingConfig, int], TrainingConfig],
                  started: Callable[[TrainingConfig], None] = lambda config: None) -> None:
         self._path, self._runner, self._prepare, self._started = path, runner, prepare, started
         self._lock = threading.Lock()
@@ -87,8 +89,9 @@ class RunQueue:
             return [entry.config["output"]["dir"] for entry in self._entries if entry.state in states]
 
     # ------------------------------------------------------------------ commands
-    def add(self, config: TrainingConfig, label: str) -> QueuedRun:
-        entry = QueuedRun(id=secrets.token_hex(4), config=config.model_dump(mode="json"), label=label)
+    def add(self, config: TrainingConfig, label: str, processes: int = 1) -> QueuedRun:
+        entry = QueuedRun(id=secrets.token_hex(4), config=config.model_dump(mode="json"), label=label,
+                          processes=processes)
         with self._lock:
             if sum(item.state in (WAITING, RUNNING) for item in self._entries) >= MAX_ENTRIES:
                 raise StartRefused(f"The queue already holds {MAX_ENTRIES} runs; remove some first.")
@@ -182,8 +185,8 @@ class RunQueue:
             entry.state, entry.detail = RUNNING, "starting"
             self._changed()
         try:
-            config = self._prepare(validate_config(entry.config))
-            self._runner.start(config, on_end=lambda snap: self._ended(entry, snap))
+            config = self._prepare(validate_config(entry.config), entry.processes)
+            self._runner.start(config, on_end=lambda snap: self._ended(entry, snap), processes=entry.processes)
         except RunAlreadyActive:  # a run was started by hand in between: wait for it
             self._set(entry, WAITING, "")
             return
@@ -262,4 +265,4 @@ def _entry(item: dict) -> QueuedRun:
         raise ValueError("an entry is not a queued run")
     return QueuedRun(id=str(item["id"]), config=item["config"], label=str(item.get("label", "")),
                      state=str(item.get("state", WAITING)), detail=str(item.get("detail", "")),
-                     added=float(item.get("added", 0.0)))
+                     added=float(item.get("added", 0.0)), processes=max(1, int(item.get("processes", 1))))

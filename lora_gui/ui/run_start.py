@@ -6,11 +6,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_gui.config import TrainingConfig
-from lora_gui.ui.workspace import OutsideWorkspace
+from lora_gui.ui.workspace import OutsideWorkspace, clip
 
 
 class StartRefused(ValueError):
     """Start, Resume or a queued run cannot go ahead; the message says what to do."""
+
+
+def chosen_processes(session, value) -> int:
+    """The Train tab's GPUs choice as a number of processes (1: the run trains on the app's own thread); any
+    other value than a GPU count this machine has is refused."""
+    available = max(1, session.gpu_count)
+    if value is None or value == "":
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise StartRefused(f"GPUs: pick a number from 1 to {available}.")
+    try:
+        count = float(value)
+    except ValueError:
+        raise StartRefused(f"GPUs: {clip(str(value))} is not a number; pick one from 1 to {available}.") from None
+    if not count.is_integer() or not 1 <= count <= available:
+        raise StartRefused(f"GPUs: {clip(str(value))} is not a choice on this machine, which has "
+                           f"{session.gpu_count} CUDA GPU(s); pick one from 1 to {available}.")
+    return int(count)
 
 
 def confine_paths(workspace, config: TrainingConfig) -> TrainingConfig:

@@ -22,10 +22,12 @@ from lora_gui.versions import no_gpu_driver
 class GpuInfo:
     name: str
     total_gib: float
+    count: int = 1  # CUDA GPUs on this machine (the first one is named)
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.total_gib:.0f} GB)" if self.total_gib else self.name
+        label = f"{self.name} ({self.total_gib:.0f} GB)" if self.total_gib else self.name
+        return f"{self.count} x {label}" if self.count > 1 else label
 
 
 @dataclass
@@ -48,11 +50,17 @@ class AppSession:
         self.run_queue = RunQueue(self.workspace.state / QUEUE_FILE, self.runner, self.prepare_queued_run,
                                   self.record_start)
 
-    def prepare_queued_run(self, config):
-        """A queued config as it will train, checked again as Start checks it (folders may have changed)."""
-        from lora_gui.ui.run_start import prepare_new_run
+    def prepare_queued_run(self, config, processes: int = 1):
+        """A queued config as it will train, checked again as Start checks it (folders may have changed, and the
+        GPUs it asked for must be there)."""
+        from lora_gui.ui.run_start import chosen_processes, prepare_new_run
 
+        chosen_processes(self, processes)
         return prepare_new_run(self, config)
+
+    @property
+    def gpu_count(self) -> int:
+        return self.gpu.count if self.gpu is not None else 0
 
     def record_start(self, config) -> None:
         self.train_started_config = config
@@ -73,4 +81,4 @@ def detect_gpu() -> GpuInfo | None:
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(0)
-    return GpuInfo(name=props.name, total_gib=props.total_memory / 1024**3)
+    return GpuInfo(name=props.name, total_gib=props.total_memory / 1024**3, count=torch.cuda.device_count())

@@ -124,7 +124,7 @@ def panel_texts(form: dict[str, Any], tier: Any, saved: Any, workspace: Workspac
         texts["validate"] = P.problems_text(str(exc))
         texts["cli"] = "# Fix the problems in the form first."
         return texts
-    texts["validate"] = P.valid_text(config)
+    texts["validate"] = P.valid_text(config, gpu.count if gpu is not None else 1)
     saved_path = Path(saved) if isinstance(saved, str) and P.same_config_file(Path(saved), config) else None
     texts["cli"] = P.cli_command(config, saved_path)
     return texts

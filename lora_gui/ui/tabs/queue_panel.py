@@ -12,15 +12,16 @@ from lora_gui.config import ConfigError
 from lora_gui.ui import queue_view
 from lora_gui.ui.checked import CheckedDropdown
 from lora_gui.ui.guard import message_guard
-from lora_gui.ui.run_start import StartRefused
+from lora_gui.ui.run_start import StartRefused, chosen_processes
 
 
-def add_run(session, config_tab, values: dict) -> str:
-    """The Config tab's run added to the queue, or why not."""
+def add_run(session, config_tab, values: dict, gpus=1) -> str:
+    """The Config tab's run added to the queue (to train on the Train tab's GPUs), or why not."""
     inputs = config_tab.inputs()
     try:
+        processes = chosen_processes(session, gpus)
         config = config_tab.to_config({c: v for c, v in values.items() if c in inputs})
-        return queue_view.add_to_queue(session, config)
+        return queue_view.add_to_queue(session, config, processes)
     except ConfigError as exc:
         return f"⚠ {exc}\n\nFix it on the Config tab, then press Add to queue again."
     except StartRefused as exc:
@@ -40,7 +41,7 @@ def version(session, nonce: str) -> str:
     return f"queue-{nonce}-{session.run_queue.version()}"
 
 
-def build(session, config_tab, add_button: gr.Button) -> gr.Textbox:
+def build(session, config_tab, add_button: gr.Button, gpus: gr.components.Component) -> gr.Textbox:
     """The panel (an accordion, opened when something is queued); returns the hidden textbox the Train tab's
     poll sets to the queue's version."""
     with gr.Accordion(title(None), open=False, elem_id="lg-queue") as accordion:
@@ -72,7 +73,8 @@ def build(session, config_tab, add_button: gr.Button) -> gr.Textbox:
                 gr.update(interactive=panel.has_done)]
 
     quiet = {"show_progress": "hidden"}
-    add_button.click(lambda data: add_run(session, config_tab, data), config_tab.inputs(), message,
+    add_button.click(lambda data: add_run(session, config_tab, data, data.get(gpus)), config_tab.inputs() | {gpus},
+                     message,
                      api_name="queue_add").then(lambda chosen: shown(chosen, opened=True), picker,
                                                 outputs, api_visibility="undocumented", **quiet)
     actions = {up: ("queue_up", lambda chosen: queue_view.move(session, chosen, -1)),

@@ -35,7 +35,7 @@ from lora_gui.ui import run_view, runs
 from lora_gui.ui.checked import CheckedDropdown
 from lora_gui.ui.comparison import release_cached_pipeline
 from lora_gui.ui.light_routes import JsonRoute
-from lora_gui.ui.run_start import StartRefused, confine_paths
+from lora_gui.ui.run_start import StartRefused, chosen_processes, confine_paths
 from lora_gui.ui.tabs import queue_panel
 from lora_gui.ui.workspace import OutsideWorkspace, clip
 
@@ -55,23 +55,26 @@ def read_config(session, config_tab, values: dict) -> TrainingConfig:
     return confine_paths(session.workspace, config)
 
 
-def start_run(session, config_tab, values: dict, overwrite: bool = False) -> str:
+def start_run(session, config_tab, values: dict, overwrite: bool = False, gpus=1) -> str:
     try:
+        processes = chosen_processes(session, gpus)
         config = read_config(session, config_tab, values)
         output = Path(config.output.dir)
         problem = previous_run_problem(output, config.output.name)
         if problem and not overwrite:
             raise StartRefused(f"{problem}. Choose another output.dir on the Config tab, resume from one of its "
                                "checkpoints below, or tick Overwrite to train again from step 0 (deletes them).")
-        return _launch(session, config, None, overwrite=bool(problem and overwrite))
+        return _launch(session, config, None, overwrite=bool(problem and overwrite), processes=processes)
     except StartRefused as exc:
         return f"⚠ {exc}"
 
 
-def resume_run(session, config_tab, values: dict, run: str | None, checkpoint: str | None) -> str:
+def resume_run(session, config_tab, values: dict, run: str | None, checkpoint: str | None, gpus=1) -> str:
     """Resume ``run`` from one of its checkpoints with the Config tab's settings, which must name that run's
-    folder as output.dir (picking the run loads its config.toml into the form)."""
+    folder as output.dir (picking the run loads its config.toml into the form), on ``gpus`` GPUs (any number:
+    the run goes on at the sample it had reached)."""
     try:
+        processes = chosen_processes(session, gpus)
         run_dir = run_folder(session, run)
         config = read_config(session, config_tab, values)
         if Path(config.output.dir).resolve() != run_dir.resolve():
@@ -88,7 +91,7 @@ def resume_run(session, config_tab, values: dict, run: str | None, checkpoint: s
         if chosen is None:
             raise StartRefused(f"{clip(checkpoint)} is not a complete checkpoint of {session.workspace.relative(run_dir)}; "
                                "press Refresh and pick one from the list.")
-        return _launch(session, config, chosen)
+        return _launch(session, config, chosen, processes=processes)
     except StartRefused as exc:
         return f"⚠ {exc}"
 
@@ -106,19 +109,21 @@ def run_folder(session, run) -> Path:
     return path
 
 
-def _launch(session, config: TrainingConfig, resume_from: Path | None, overwrite: bool = False) -> str:
+def _launch(session, config: TrainingConfig, resume_from: Path | None, overwrite: bool = False,
+            processes: int = 1) -> str:
     if session.runner.is_active:
         raise StartRefused("A training run is already in progress; stop it (or wait for it) before starting another.")
     release_cached_pipeline(session)
     try:
-        session.runner.start(config, resume_from=resume_from, overwrite=overwrite)
+        session.runner.start(config, resume_from=resume_from, overwrite=overwrite, processes=processes)
     except RunAlreadyActive as exc:
         raise StartRefused(str(exc)) from None
     session.train_started_config = config
     where = session.workspace.relative(Path(config.output.dir))
+    on = f" on {processes} GPUs (batch {config.train.batch_size} each)" if processes > 1 else ""
     if resume_from is not None:
-        return f"Resuming from step {checkpoint_step(resume_from)} in `{where}`."
-    return f"Started: {config.train.max_steps} steps into `{where}`."
+        return f"Resuming from step {checkpoint_step(resume_from)} in `{where}`{on}."
+    return f"Started: {config.train.max_steps} steps into `{where}`{on}."
 
 
 # ----------------------------------------------------------------------------- controls
@@ -127,11 +132,15 @@ def _launch(session, config: TrainingConfig, resume_from: Path | None, overwrite
 def control(session, action: str) -> str:
     """Pause, continue, stop, sample or save; refused with a reason when the run's state rules it out."""
     runner = session.runner
-    state = runner.snapshot().state
+    snapshot = runner.snapshot()
+    state = snapshot.state
     if not runner.is_active or not run_view.button_states(state).get(action, False):
         return f"⚠ {_NOT_NOW.get(action, 'That')} is not possible while the run is {state}."
+    test_it = ("Test it on the Test tab, then press Continue." if snapshot.processes == 1 else
+               f"It trains on {snapshot.processes} GPUs, so its weights in memory cannot be tested (that works on "
+               "one GPU): press Save now to keep a checkpoint to test once the run has ended.")
     messages = {
-        "pause": (runner.pause, "Pausing after the current step. Test it on the Test tab, then press Continue."),
+        "pause": (runner.pause, f"Pausing after the current step. {test_it}"),
         "continue": (runner.resume, "Continuing."),
         "stop": (runner.stop, "Stopping: a resumable checkpoint is saved at the current step."),
         "sample": (runner.sample_now, "Validation images will be rendered after the current step."),
@@ -258,6 +267,17 @@ def _error_panel(session, error) -> tuple[str, str] | None:
 # ----------------------------------------------------------------------------- layout
 
 
+def gpu_picker(session) -> CheckedDropdown:
+    """GPUs: 1 ... N, shown when this machine has more than one CUDA GPU."""
+    count = session.gpu_count
+    return CheckedDropdown(
+        [(str(n), n) for n in range(1, max(count, 1) + 1)], value=1, label="GPUs", visible=count > 1,
+        elem_id="lg-train-gpus",
+        info="More than 1: the run trains in processes of their own, one per GPU, each on train.batch_size samples "
+             "(the Config tab's validation shows the effective batch). Pause → test the current weights on the "
+             "Test tab works on 1 GPU only; checkpoints can be tested after the run.")
+
+
 def build(session, config_tab) -> list[JsonRoute]:
     """The tab; returns the route its timer polls, which the app must serve (``AppBlocks.light_routes``)."""
     with gr.Row():
@@ -272,6 +292,7 @@ def build(session, config_tab) -> list[JsonRoute]:
         }
     overwrite = gr.Checkbox(False, label="Overwrite: train from step 0 even if output.dir holds a finished LoRA "
                                          "or checkpoints (deletes them)")
+    gpus = gpu_picker(session)
     initial_runs, _ = run_choices(session, live=False)
     with gr.Accordion("Resume from a checkpoint", open=False):
         with gr.Row():
@@ -281,7 +302,7 @@ def build(session, config_tab) -> list[JsonRoute]:
             checkpoint = CheckedDropdown([], label="Checkpoint", scale=2, elem_id="lg-resume-checkpoint")
             refresh = gr.Button("Refresh", scale=1)
             buttons["resume_checkpoint"] = gr.Button("Resume", variant="primary", scale=1)
-    queue_trigger = queue_panel.build(session, config_tab, buttons.pop("queue"))
+    queue_trigger = queue_panel.build(session, config_tab, buttons.pop("queue"), gpus)
     message = gr.Markdown(elem_id="lg-train-message")
     error = gr.Markdown(visible=False, elem_classes=["lg-error"])
     with gr.Accordion("Error details", open=False, visible=False) as details_box:
@@ -323,10 +344,10 @@ def build(session, config_tab) -> list[JsonRoute]:
     config_inputs = config_tab.inputs()
 
     def on_start(data):
-        return start_run(session, config_tab, data, overwrite=bool(data.get(overwrite)))
+        return start_run(session, config_tab, data, overwrite=bool(data.get(overwrite)), gpus=data.get(gpus))
 
     def on_resume(data):
-        return resume_run(session, config_tab, data, data.get(run_picker), data.get(checkpoint))
+        return resume_run(session, config_tab, data, data.get(run_picker), data.get(checkpoint), data.get(gpus))
 
     def on_pick(run):
         updates, choices, text = pick_run(session, config_tab, run)
@@ -342,8 +363,8 @@ def build(session, config_tab) -> list[JsonRoute]:
     def then_poll(event):  # show the new state at once instead of at the next tick
         event.then(lambda: poll(session), None, poll_outputs, show_progress="hidden", api_visibility="undocumented")
 
-    then_poll(buttons["start"].click(on_start, config_inputs | {overwrite}, message, api_name="train_start"))
-    then_poll(buttons["resume_checkpoint"].click(on_resume, config_inputs | {run_picker, checkpoint}, message,
+    then_poll(buttons["start"].click(on_start, config_inputs | {overwrite, gpus}, message, api_name="train_start"))
+    then_poll(buttons["resume_checkpoint"].click(on_resume, config_inputs | {run_picker, checkpoint, gpus}, message,
                                                  api_name="train_resume"))
     run_picker.input(on_pick, run_picker, [*config_tab.outputs(), checkpoint, message], api_name="train_pick_run")
     for action in ("pause", "continue", "stop", "sample", "save"):
