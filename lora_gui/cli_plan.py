@@ -63,6 +63,12 @@ def refuse_if_too_big(config) -> str | None:
     card = _gpu_gib()
     if card is None or config.model.device == "cpu":
         return None
+    from lora_gui.engine.launch_env import launch_from_environment
+
+    if config.train.shard_model and launch_from_environment().world_size > 1:
+        print("Memory plan skipped: it counts one GPU holding the whole model, and train.shard_model spreads the "
+              "model over the GPUs.", file=sys.stderr)
+        return None
     from lora_gui.engine.planner import PlanError, plan_memory
     from lora_gui.engine.planner.advice import fitting_advice
 

@@ -184,6 +184,10 @@ class TrainSection(Section):
         False, description="Activation offloading: what the backward pass needs from the forward pass waits in system "
                            "memory instead of GPU memory (slower: every step copies it out and back). Instead of "
                            "gradient checkpointing, not with it.")
+    shard_model: bool = Field(
+        False, description="Several GPUs: shard the denoiser's weights, its LoRA and the optimizer state over them "
+                           "with FSDP2, so each GPU holds 1/N of them (for a model that does not fit one GPU; "
+                           "slower than plain data parallel). Ignored in a run of one process.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for data order, noise and LoRA initialisation.")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="SD1.5/SDXL target; auto reads it from the model's scheduler."

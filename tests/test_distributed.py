@@ -25,6 +25,17 @@ def test_shares_split_a_global_batch_in_order():
     assert idle == Share(slice(0, 1), 0.0, 1)
 
 
+def largest_difference(expected: dict, got: dict) -> float:
+    """The largest difference of two LoRAs' tensors, relative to each tensor's largest value."""
+    assert expected.keys() == got.keys()
+    return max((tensor - got[key]).abs().max().item() / tensor.abs().max().item() for key, tensor in expected.items())
+
+
+def losses(output) -> list[float]:
+    with (output / "metrics.csv").open() as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
 def torchrun(tmp_path, processes: int, *arguments: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "lora_gui", "train", "--no-plan", *arguments]
@@ -50,30 +61,56 @@ def test_two_processes_train_the_run_of_one_process_with_twice_the_batch(tmp_pat
     # The same samples and noise (the losses below agree to 6 digits); the gradients are summed in another
     # order, and AdamW divides by their running size, so near-zero gradients move their weights by rounding:
     # measured 0.46 % of a tensor's largest value at worst. The tolerance: 1 %.
-    worst = max((tensor - got[key]).abs().max().item() / tensor.abs().max().item() for key, tensor in expected.items())
-    assert worst < 0.01, worst
+    assert largest_difference(expected, got) < 0.01
     with (output / "metrics.csv").open() as handle:
         steps = [int(row["step"]) for row in csv.DictReader(handle)]
     assert steps == list(range(1, STEPS + 1))  # one line per step, written once
     assert sorted(path.name for path in output.glob("*.safetensors")) == ["test-lora.diffusers.safetensors",
                                                                             "test-lora.safetensors"]
-    with (tmp_path / "single" / "metrics.csv").open() as handle:
-        single_losses = [float(row["loss"]) for row in csv.DictReader(handle)]
-    with (output / "metrics.csv").open() as handle:
-        pair_losses = [float(row["loss"]) for row in csv.DictReader(handle)]
+    with (output / "metrics.csv").open() as handle:  # the effective batch: 1 per process x 2 processes
+        assert [row["samples"] for row in csv.DictReader(handle)] == ["2"] * STEPS
+    single_losses, pair_losses = losses(tmp_path / "single"), losses(output)
     assert torch.allclose(torch.tensor(single_losses), torch.tensor(pair_losses), rtol=1e-5)
 
-    # The 2-process checkpoint resumes in 1 process (global batch 2 -> 1) at the sample it had reached.
-    checkpoint = output / "checkpoints" / "step-000002"
+    # train.shard_model: the same run with the model sharded over the two processes (FSDP2) writes the same
+    # files: the LoRA, the checkpoint's LoRA and its optimizer state, in the format of an unsharded run.
+    sharded = tmp_path / "sharded"
+    shard_sets = [*sets, f"--set=output.dir={sharded}", "--set=train.shard_model=true",
+                  '--set=sample.prompts=["sks, a red square"]', "--set=sample.steps=2"]
+    done = torchrun(tmp_path, 2, "--preset", "sd15-cpu-demo", *shard_sets)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0 and "sharded over 2 processes" in said, said[-4000:]
+    assert torch.allclose(torch.tensor(losses(sharded)), torch.tensor(pair_losses), rtol=1e-5)
+    for name in ("test-lora.safetensors", "test-lora.diffusers.safetensors",
+                 "checkpoints/step-000002/test-lora.safetensors"):
+        assert largest_difference(load_file(output / name), load_file(sharded / name)) < 1e-3, name  # 5e-5 measured
+    pair_state, sharded_state = (torch.load(folder / "checkpoints" / "step-000002" / "training_state.pt",
+                                            weights_only=True)["optimizer"]["state"] for folder in (output, sharded))
+    assert pair_state.keys() == sharded_state.keys()
+    for index, state in pair_state.items():
+        assert type(sharded_state[index]["exp_avg"]) is torch.Tensor  # gathered whole, not a shard
+        assert torch.allclose(state["exp_avg"], sharded_state[index]["exp_avg"], atol=1e-8)
+    assert [path.name for path in (sharded / "samples").iterdir()] == ["step-000003"]  # rendered by both together
+    # ...and resumes sharded from its own checkpoint to the same LoRA.
+    finished = load_file(sharded / "test-lora.safetensors")
+    done = torchrun(tmp_path, 2, "--preset", "sd15-cpu-demo", *shard_sets, "--set=sample.prompts=[]",
+                    "--resume", str(sharded / "checkpoints" / "step-000002"))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert largest_difference(finished, load_file(sharded / "test-lora.safetensors")) < 1e-4
+    assert losses(sharded)[:2] == losses(output)[:2] and len(losses(sharded)) == STEPS
+
+    # The 2-process checkpoint (sharded) resumes in 1 process (global batch 2 -> 1) at the sample it had reached.
+    checkpoint = sharded / "checkpoints" / "step-000002"
     saved = json.loads((checkpoint / "progress.json").read_text())
     assert (saved["processes"], saved["global_batch"]) == (2, 2) and saved["samples_in_epoch"] >= 2
-    alone = subprocess.run([sys.executable, "-m", "lora_gui", "train", "--no-plan", "--preset", "sd15-cpu-demo", *sets,
-                            "--set", "train.max_steps=4", "--resume", str(checkpoint)],
+    alone = subprocess.run([sys.executable, "-m", "lora_gui", "train", "--no-plan", "--preset", "sd15-cpu-demo",
+                            *shard_sets, "--set", "sample.prompts=[]", "--set", "train.max_steps=4",
+                            "--resume", str(checkpoint)],
                            capture_output=True, text=True, timeout=300)
     said = alone.stdout + alone.stderr
-    assert alone.returncode == 0, said[-3000:]
+    assert alone.returncode == 0 and "this run has one process, so the model is not sharded" in said, said[-3000:]
     assert f"Epoch {saved['epoch']} goes on at sample {saved['samples_in_epoch']}" in said, said[-3000:]
-    resumed = json.loads((output / "checkpoints" / "step-000004" / "progress.json").read_text())
+    resumed = json.loads((sharded / "checkpoints" / "step-000004" / "progress.json").read_text())
     assert (resumed["processes"], resumed["global_batch"], resumed["epoch"]) == (1, 1, saved["epoch"])
     assert resumed["samples_in_epoch"] == saved["samples_in_epoch"] + 2  # two more steps of one sample each
 
@@ -155,3 +192,13 @@ def test_sigterm_stops_every_process_at_one_step_and_one_checkpoint_is_saved(tmp
     with (output / "metrics.csv").open() as handle:
         steps = [int(row["step"]) for row in csv.DictReader(handle)]
     assert checkpoints[0].name == f"step-{steps[-1]:06d}" and steps == list(range(1, steps[-1] + 1))
+
+
+def test_shard_model_names_the_settings_it_cannot_go_with():
+    from lora_gui.engine.sharding import config_problem
+
+    assert config_problem(False, "none", 0, "default", "adamw") == ""
+    problem = config_problem(True, "int8", 4, "pissa", "adamw8bit")
+    for named in ("lora.train_text_encoder", "model.quantize = int8", "model.block_swap", "lora.init = pissa",
+                  "train.optimizer = adamw8bit"):
+        assert named in problem

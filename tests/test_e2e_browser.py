@@ -164,7 +164,7 @@ def run_workflow(page, expect, url: str, workspace: Path, shots: Path) -> None:
     expect(page.locator("#lg-resume-checkpoint input")).to_have_value(re.compile(r"^step \d+$"))
     screenshot(page, shots / "04b-resume-picker.png")
     metrics = (workspace / "outputs" / "e2e" / "metrics.csv").read_text().splitlines()
-    assert metrics[0] == "step,epoch,loss,lr,sec_per_step" and len(metrics) >= 5
+    assert metrics[0] == "step,epoch,loss,lr,sec_per_step,samples" and len(metrics) >= 5
 
     # 5. Test: two checkpoints x two scales, same prompt and seed, saved as one PNG.
     page.get_by_role("tab", name="Test").click()

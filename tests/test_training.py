@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -79,7 +81,7 @@ def test_family_trains_and_both_files_reload(family, base, extra, dataset, tmp_p
     finished = [e for e in events if isinstance(e, Finished)][0]
 
     rows = (tmp_path / "out" / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "step,epoch,loss,lr,sec_per_step" and len(rows) == 11
+    assert rows[0] == "step,epoch,loss,lr,sec_per_step,samples" and len(rows) == 11
     assert (tmp_path / "out" / "samples" / "step-000005" / "00.png").is_file()
 
     for path in (finished.lora_path, finished.diffusers_path):
@@ -122,8 +124,12 @@ def test_stop_then_resume_matches_straight_run(dataset, tmp_path):
     assert stopped.status == "stopped" and stopped.step == 3  # stop takes effect at the next step boundary
     assert stopped.checkpoint and stopped.checkpoint.endswith("step-000003")
 
+    metrics = tmp_path / "split" / "metrics.csv"  # as a run from before the samples column wrote it
+    metrics.write_text("\n".join(",".join(row.split(",")[:5]) for row in metrics.read_text().splitlines()) + "\n")
     resumed = train(tiny_config("sd15", dataset, tmp_path / "split", *overrides), resume_from=stopped.checkpoint)
     assert resumed.step == 6
+    with metrics.open() as handle:  # the effective batch: 2 per step x 2 accumulated
+        assert [row["samples"] for row in csv.DictReader(handle)] == ["", "", "", "4", "4", "4"]
 
     expected, actual = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
     assert expected.keys() == actual.keys()

@@ -87,33 +87,56 @@ def test_a_queued_run_keeps_its_gpus(tmp_path):
         fewer.prepare_queued_run(restarted._entries[0].config, 2)
 
 
+def wait_for(condition, session, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        snap = session.runner.snapshot()
+        assert time.monotonic() < deadline and session.runner.is_active, f"{what}: {snap.state} {snap.log[-5:]}"
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
-def test_a_run_on_two_gpus_trains_in_two_processes_and_the_test_tab_says_what_it_cannot_do(tmp_path):
+def test_a_run_on_two_gpus_trains_in_two_processes_driven_from_the_train_tab(tmp_path):
+    """Started, paused, sampled, saved, continued and stopped through the Train tab's handlers, as a run on the
+    app's thread is; the Test tab says what it cannot do with it."""
+    from lora_gui.engine.runner import InOtherProcesses
+
     session, tab = make_workspace(tmp_path, "train.max_steps=100000", "train.batch_size=1")
     with_gpus(session, 2)
+    runner = session.runner
     said = train.start_run(session, tab, form_values(tab, train__max_steps=100000), gpus=2)
     assert said.startswith("Started") and "on 2 GPUs (batch 1 each)" in said, said
     run_dir = session.workspace.outputs / "run"
     try:
-        deadline = time.monotonic() + WAIT_S
-        while session.runner.snapshot().step < 2:
-            assert time.monotonic() < deadline and session.runner.is_active, session.runner.snapshot().log[-5:]
-            time.sleep(0.2)
+        wait_for(lambda: runner.snapshot().step >= 2, session, "two steps")
         assert "2 processes train together: effective batch 1 per process x 2 processes" in "\n".join(
-            session.runner.snapshot().log)
-        assert train.control(session, "pause").startswith("Pausing")
-        while session.runner.snapshot().state != "paused":
-            time.sleep(0.1)
+            runner.snapshot().log)
+        assert "its weights in memory cannot be tested" in train.control(session, "pause")
+        wait_for(lambda: any(line.startswith("Paused at step") for line in runner.snapshot().log), session, "pause")
+        paused_at = runner.snapshot().step
         assert comparison.paused_step(session, run_dir) is None  # no "current weights" choice
         assert all(choice.value != comparison.CURRENT
                    for choice in comparison.lora_choices(run_dir, comparison.paused_step(session, run_dir)))
         with pytest.raises(comparison.ComparisonError, match="one GPU"):
-            comparison._render_on_active_run(session.runner, comparison.ComparisonRequest(
+            comparison._render_on_active_run(runner, comparison.ComparisonRequest(
                 run_dir=run_dir, config=None, loras=(), scales=(1.0,), settings=None), [], [], None)
+        with pytest.raises(InOtherProcesses, match="one GPU"):
+            runner.submit(lambda family, components: None)
+        train.control(session, "sample")
+        train.control(session, "save")
+        wait_for(lambda: runner.snapshot().samples and runner.snapshot().checkpoints, session, "sample and save")
+        snap = runner.snapshot()
+        assert snap.state == "paused" and snap.step == paused_at  # no step while paused
+        assert snap.samples[-1].step == paused_at and snap.checkpoints[-1].endswith(f"step-{paused_at:06d}")
+        train.control(session, "continue")
+        wait_for(lambda: runner.snapshot().step > paused_at + 1, session, "steps after continue")
     finally:
         train.control(session, "stop")
-        session.runner.wait(WAIT_S)
-    snap = session.runner.snapshot()
-    assert snap.state == "stopped" and snap.checkpoints, snap.log[-5:]
+        runner.wait(WAIT_S)
+    snap = runner.snapshot()
+    assert snap.state == "stopped" and snap.error is None and len(snap.checkpoints) == 2, snap.log[-5:]
+    assert snap.checkpoints[-1].endswith(f"step-{snap.step:06d}")
     with (run_dir / "metrics.csv").open() as handle:
-        assert [int(row["step"]) for row in csv.DictReader(handle)] == list(range(1, snap.step + 1))
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert steps == list(range(1, snap.step + 1))  # one line per step: one process writes
+    assert [loss[0] for loss in snap.losses] == steps  # the plots got every step

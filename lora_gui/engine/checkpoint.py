@@ -312,11 +312,13 @@ def check_weights_only_loadable(value: Any, where: str = "training_state") -> No
 # ----------------------------------------------------------------------------- training state
 
 
-def make_training_state(optimizer, lr_scheduler, scaler=None, rng: dict | None = None, **extra: dict) -> dict:
-    """The bundle saved as training_state.pt: state dicts plus RNG states and any extra dicts."""
+def make_training_state(optimizer, lr_scheduler, scaler=None, rng: dict | None = None,
+                        optimizer_state: dict | None = None, **extra: dict) -> dict:
+    """The bundle saved as training_state.pt: state dicts plus RNG states and any extra dicts
+    (``optimizer_state``: the optimizer's, when it is not ``optimizer.state_dict()``, gathered from shards)."""
     return {
         "format": FORMAT_VERSION,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
         "lr_scheduler": lr_scheduler.state_dict(),
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng,

@@ -6,6 +6,7 @@ single process with that batch would take them) and trains on its own contiguous
 timesteps are drawn for the whole global batch on every process, so each keeps the same random state, and a
 share's loss is weighted by its part of the batch: the summed gradients are those of one process training
 on the global batch. Only the main process writes files or reports; the others wait where it works alone.
+With train.shard_model the denoiser is sharded over the processes as well (``sharding.py``).
 """
 
 from __future__ import annotations

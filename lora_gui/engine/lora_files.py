@@ -61,17 +61,19 @@ class ExportedAdapter:
 
 
 def export_adapters(
-    modules: Mapping[str, torch.nn.Module], adapter_name: str = "default", dtype: torch.dtype | None = None
+    modules: Mapping[str, torch.nn.Module], adapter_name: str = "default", dtype: torch.dtype | None = None,
+    states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, ExportedAdapter]:
     """Each module's adapter as an ordinary LoRA on the original base (PiSSA/OLoRA converted)."""
-    return {key: _export_adapter(key, module, adapter_name, dtype) for key, module in modules.items()}
+    return {key: _export_adapter(key, module, adapter_name, dtype, None if states is None else dict(states[key]))
+            for key, module in modules.items()}
 
 
-def _export_adapter(key: str, module: torch.nn.Module, adapter_name: str, dtype) -> ExportedAdapter:
+def _export_adapter(key: str, module: torch.nn.Module, adapter_name: str, dtype, state=None) -> ExportedAdapter:
     import torch
 
     config = module.peft_config[adapter_name]
-    state = adapter_state(module, adapter_name)
+    state = adapter_state(module, adapter_name) if state is None else state
     rank, alpha = int(config.r), float(config.lora_alpha)
     if config.rank_pattern or config.alpha_pattern or config.use_rslora:
         raise LoraError(f"{key}: per-layer ranks/alphas and rsLoRA cannot be written to a kohya file.")
@@ -293,8 +295,12 @@ def save_lora_files(
     dtype: torch.dtype | None = None,
     single_file_prefix: str | None = None,
     single_file_folds_alpha: bool = False,
+    states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> tuple[Path, Path]:
     """Write the kohya/ComfyUI/A1111 file and the diffusers file, each atomically.
+
+    ``states``: each module's adapter weights as ``lora_state_dicts`` gives them, when they are not to be read
+    from the modules (a sharded run gathers them first).
 
     ``diffusers_path`` is a ``.safetensors`` file or a folder (then ``pytorch_lora_weights.safetensors``
     inside it). ``dtype`` converts the saved weights (e.g. torch.float16); None keeps them as trained.
@@ -303,7 +309,7 @@ def save_lora_files(
     if not modules:
         raise LoraError("There is no LoRA to save: no module was given.")
     _check_matches_config(modules, lora_cfg, adapter_name)
-    exported = export_adapters(modules, adapter_name, dtype)
+    exported = export_adapters(modules, adapter_name, dtype, states)
     kohya_file = Path(kohya_path)
     diffusers_file = Path(diffusers_path)
     if diffusers_file.suffix != ".safetensors":

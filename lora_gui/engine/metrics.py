@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-HEADER = ("step", "epoch", "loss", "lr", "sec_per_step")
+# samples: the step's effective batch (batch size x processes x accumulation; empty in files of older runs)
+HEADER = ("step", "epoch", "loss", "lr", "sec_per_step", "samples")
 
 
 class MetricsLog:
@@ -28,7 +29,8 @@ class MetricsLog:
             return
         with self.path.open(newline="", encoding="utf-8") as handle:
             rows = [row for row in csv.reader(handle)][1:]
-        kept = [row for row in rows if row and row[0].isdigit() and int(row[0]) <= step]
+        kept = [(row + [""] * len(HEADER))[:len(HEADER)] for row in rows
+                if row and row[0].isdigit() and int(row[0]) <= step]
         tmp = self.path.with_suffix(".csv.tmp")
         with tmp.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
@@ -36,8 +38,8 @@ class MetricsLog:
             writer.writerows(kept)
         tmp.replace(self.path)
 
-    def log(self, step: int, epoch: int, loss: float, lr: float, sec_per_step: float) -> None:
-        self._writer.writerow([step, epoch, f"{loss:.6g}", f"{lr:.6g}", f"{sec_per_step:.4f}"])
+    def log(self, step: int, epoch: int, loss: float, lr: float, sec_per_step: float, samples: int = 0) -> None:
+        self._writer.writerow([step, epoch, f"{loss:.6g}", f"{lr:.6g}", f"{sec_per_step:.4f}", samples or ""])
         self._file.flush()
         if self._tensorboard is not None:
             self._tensorboard.add_scalar("train/loss", loss, step)

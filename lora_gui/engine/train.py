@@ -27,7 +27,7 @@ from lora_gui.engine.distributed import Distributed, Share, noised_share
 from lora_gui.engine.errors import NonFiniteLoss, StopRequested, TrainingError, explain
 from lora_gui.engine.families.detect import with_detected_family
 from lora_gui.engine.families.registry import get_family
-from lora_gui.engine.lora import load_lora_state, lora_state_dicts
+from lora_gui.engine.lora import lora_state_dicts
 from lora_gui.engine.lora_files import save_lora_files
 from lora_gui.engine.metrics import MetricsLog
 from lora_gui.engine.optim import current_lr
@@ -103,11 +103,18 @@ class TrainingRun(RunSetUp):
         self.sample_prompts: dict | None = None  # validation prompt embeddings, while the text encoders are frozen
         self.resume_progress: dict = {}  # the checkpoint's data position when resuming
         self.dist: Distributed | None = None  # the processes of a distributed run (None: this one alone)
+        self.resume_state: dict | None = None  # the checkpoint's training state when resuming
+        self.step_samples = 0  # the samples of the last step (its effective batch)
 
     # ------------------------------------------------------------------ orchestration
     @property
     def processes(self) -> int:
         return 1 if self.dist is None else self.dist.world_size
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the denoiser is sharded over the processes (train.shard_model in a distributed run)."""
+        return self.dist is not None and self.config.train.shard_model
 
     @property
     def is_main(self) -> bool:
@@ -138,12 +145,13 @@ class TrainingRun(RunSetUp):
         if problem:
             raise TrainingError(problem, "Change the setting named above, or set model.block_swap = 0.")
         self.placement = resolve_placement(self.config)
+        self.check_sharding()
         unload_all_captioners()  # a captioning model must not hold accelerator memory while training
         self.check_stop()
         self.status(f"Loading {self.config.model.base} on {self.placement.describe()}")
         self.load_model()
         self.check_stop()
-        self.resume_progress = resume[0] if resume is not None else {}
+        self.resume_progress, self.resume_state = resume if resume is not None else ({}, None)
         self.fill_caches()
         self.check_stop()
         self.load_denoiser()
@@ -189,15 +197,29 @@ class TrainingRun(RunSetUp):
             self.output_lock = None
 
     # ------------------------------------------------------------------ checkpoints
+    def gathered_lora(self) -> dict | None:
+        """A sharded run's LoRA weights gathered whole (every process joins in); None: read them from the modules."""
+        from lora_gui.engine.sharding import full
+
+        return full(lora_state_dicts(self.lora_modules)) if self.sharded else None
+
     def save_checkpoint(self) -> str | None:
-        """A resumable checkpoint, written by the main process (every process holds the same state)."""
+        """A resumable checkpoint, written by the main process (every process holds the same state; a sharded
+        run's processes first gather it together)."""
+        if not self.is_main and not self.sharded:
+            return None
+        from lora_gui.engine.sharding import full
+
+        lora = self.gathered_lora()
+        optimizer_state = full(self.optimizer.state_dict()) if self.sharded else None
         if not self.is_main:
             return None
         self.status(f"Saving checkpoint at step {self.step}")
         training_state = ckpt.make_training_state(
             self.optimizer, self.lr_scheduler, self.scaler,
             rng=ckpt.capture_rng_state({"noise": self.noise_generator}),
-            lora=lora_state_dicts(self.lora_modules),
+            optimizer_state=optimizer_state,
+            lora=lora if lora is not None else lora_state_dicts(self.lora_modules),
         )
         path = ckpt.save_checkpoint(
             self.output_dir,
@@ -205,7 +227,7 @@ class TrainingRun(RunSetUp):
             epoch=self.cursor.epoch,
             batch_in_epoch=self.cursor.batch_index,
             config=self.config,
-            write_lora=lambda folder: self.write_lora(folder / f"{self.config.output.name}.safetensors"),
+            write_lora=lambda folder: self.write_lora(folder / f"{self.config.output.name}.safetensors", lora),
             training_state=training_state,
             data_position={"processes": self.processes, "global_batch": self.data.batch_size,
                            "samples_in_epoch": self.cursor.samples_in_epoch},
@@ -214,8 +236,12 @@ class TrainingRun(RunSetUp):
         return str(path)
 
     def restore(self, folder: Path, progress: dict, state: dict) -> None:
-        load_lora_state(self.lora_modules, state["extra"]["lora"])
+        """The optimizer, schedule, random state and data position (the LoRA is loaded as it is attached)."""
         ckpt.restore_training_state(state, self.optimizer, self.lr_scheduler, self.scaler)
+        if self.sharded:
+            from lora_gui.engine.sharding import shard_optimizer_state
+
+            shard_optimizer_state(self.optimizer)
         missing = ckpt.restore_rng_state(state["rng"], {"noise": self.noise_generator})
         if missing:
             self.status(f"Note: random state for {', '.join(missing)} could not be restored on this machine")
@@ -246,12 +272,12 @@ class TrainingRun(RunSetUp):
             "ss_network_alpha": str(config.lora.alpha),
         }
 
-    def write_lora(self, kohya_path: Path) -> tuple[Path, Path]:
+    def write_lora(self, kohya_path: Path, states: dict | None = None) -> tuple[Path, Path]:
         diffusers_path = kohya_path.with_name(kohya_path.stem + ".diffusers.safetensors")
         save_lora_files(
             self.family.pipeline_class(), self.lora_modules, self.config.lora, kohya_path, diffusers_path,
             self.metadata(), single_file_prefix=self.family.single_file_lora_prefix,
-            single_file_folds_alpha=self.family.single_file_folds_alpha,
+            single_file_folds_alpha=self.family.single_file_folds_alpha, states=states,
         )
         return kohya_path, diffusers_path
 
@@ -281,12 +307,11 @@ class TrainingRun(RunSetUp):
             seconds = time.perf_counter() - started
             window = (window + [seconds])[-20:]
             self.report(loss, seconds, sum(window) / len(window))
-            if output.save_every and self.step % output.save_every == 0 and self.step < train.max_steps:
-                self.save_checkpoint()
-            elif self.controls.take_save_request():
+            save_now, sample_now = self.asked_now()
+            if (output.save_every and self.step % output.save_every == 0 and self.step < train.max_steps) or save_now:
                 self.save_checkpoint()
             every = self.config.sample.every
-            if (every and self.step % every == 0 and self.step < train.max_steps) or self.controls.take_sample_request():
+            if (every and self.step % every == 0 and self.step < train.max_steps) or sample_now:
                 try:
                     self.sample()
                 except StopRequested:
@@ -297,14 +322,20 @@ class TrainingRun(RunSetUp):
         """One optimizer step over ``gradient_accumulation`` micro-batches; the loss stays on the device until the
         step is done, so the host waits for the device once per step, not once per micro-batch."""
         train = self.config.train
-        total, paths = None, []
+        total, paths, self.step_samples = None, [], 0
         for _ in range(train.gradient_accumulation):
             batch = self.batches.next()
             paths += batch.paths
+            self.step_samples += len(batch.paths) if self.batches.share is None else self.batches.share.count
             loss = self.compute_loss(batch, self.batches.share) / train.gradient_accumulation
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
-        value = total.item() if self.dist is None else self.dist.sum_gradients(self.trainable, total)
+        if self.dist is None:
+            value = total.item()
+        else:  # a sharded run's gradients were summed as the backward pass went
+            from lora_gui.engine.sharding import is_sharded
+
+            value = self.dist.sum_gradients([p for p in self.trainable if not is_sharded(p)], total)
         if not math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(self.step + 1, paths)
@@ -352,11 +383,16 @@ class TrainingRun(RunSetUp):
         lr = current_lr(self.optimizer)
         remaining = (self.config.train.max_steps - self.step) * average_seconds
         if self.metrics is not None:  # the main process's
-            self.metrics.log(self.step, self.cursor.epoch, loss, lr, seconds)
+            self.metrics.log(self.step, self.cursor.epoch, loss, lr, seconds, self.step_samples)
         self.emit(Progress(
             step=self.step, max_steps=self.config.train.max_steps, epoch=self.cursor.epoch, loss=loss, lr=lr,
             sec_per_step=average_seconds, eta_seconds=remaining,
         ))
+
+    def asked_now(self) -> tuple[bool, bool]:
+        """(save, sample) as asked of any process since the last step (Save now, Sample now)."""
+        save, sample = self.controls.take_save_request(), self.controls.take_sample_request()
+        return (save, sample) if self.dist is None else self.dist.any(save, sample)
 
     def requests(self) -> tuple[bool, bool]:
         """(stop, pause) as asked of any process: every process stops or pauses at the same step."""
@@ -379,8 +415,17 @@ class TrainingRun(RunSetUp):
         if self.dist is None:
             self.controls.wait_while_paused(on_idle=while_paused)
         else:  # the processes ask each other whether the pause goes on (only the main one is asked to pause)
-            while self.requests()[1]:
-                while_paused()
+            while True:
+                save, sample = self.asked_now()
+                if save:
+                    self.save_checkpoint()
+                if sample:
+                    try:
+                        self.sample()
+                    except StopRequested:
+                        pass
+                if not self.requests()[1]:
+                    break
                 time.sleep(PAUSE_POLL_S)
         if not self.controls.stop_requested:
             self.status(f"Resumed at step {self.step}")
@@ -396,29 +441,39 @@ class TrainingRun(RunSetUp):
                                           self.family.size_multiple)
 
     def sample(self) -> None:
-        if not self.is_main:
+        """Validation images, rendered by the main process (by every process of a sharded run, which all run
+        the sharded model together; a stop then waits for the images)."""
+        if not self.is_main and not self.sharded:
             return
         settings = self.sample_settings()
         if not settings.prompts:
             self.status("No validation images: sample.prompts is empty (add prompts on the Config tab to see some)")
             return
         self.status(f"Rendering {len(settings.prompts)} validation image(s) at step {self.step}")
-        images = render(self.family, self.components, settings, progress=self.progress_status("Sampling"),
-                        encoded=self.sample_prompts, between_steps=self.check_stop)
+        images = render(self.family, self.components, settings,
+                        progress=self.progress_status("Sampling", stoppable=not self.sharded),
+                        encoded=self.sample_prompts, between_steps=None if self.sharded else self.check_stop)
+        if not self.is_main:
+            return
         paths = save_images(images, self.output_dir / "samples" / f"step-{self.step:06d}")
         self.emit(SamplesReady(step=self.step, paths=tuple(paths), prompts=settings.prompts))
         self.status(f"Validation images of step {self.step} saved")  # replaces "Sampling n/n"
 
     def finish(self) -> TrainResult:
-        if not self.is_main:
+        if not self.is_main and not self.sharded:
             return TrainResult(status="finished", step=self.step, lora_path=None, checkpoint=None)
-        kohya_path, diffusers_path = self.write_lora(self.output_dir / f"{self.config.output.name}.safetensors")
+        lora = self.gathered_lora()
+        if self.is_main:
+            kohya_path, diffusers_path = self.write_lora(self.output_dir / f"{self.config.output.name}.safetensors",
+                                                         lora)
         checkpoint = self.save_checkpoint()
         if self.sample_settings().prompts:
             try:
                 self.sample()
             except StopRequested:
                 self.status("Stopped before the final validation images; the LoRA and checkpoint are saved.")
+        if not self.is_main:
+            return TrainResult(status="finished", step=self.step, lora_path=None, checkpoint=None)
         self.status(f"Finished: {kohya_path}")
         self.emit(Finished(step=self.step, lora_path=str(kohya_path), diffusers_path=str(diffusers_path)))
         return TrainResult(status="finished", step=self.step, lora_path=str(kohya_path), checkpoint=checkpoint)

@@ -12,7 +12,7 @@ from lora_gui.engine.block_swap import BlockSwap, BlockSwapError, attach_block_s
 from lora_gui.engine.data_cursor import DataCursor, cursor_at
 from lora_gui.engine.devices import free_accelerator_memory, text_encoder_device
 from lora_gui.engine.errors import TrainingError
-from lora_gui.engine.lora import inject_lora, lora_parameters
+from lora_gui.engine.lora import inject_lora, load_lora_state, lora_parameters
 from lora_gui.engine.merge import merge_loras
 from lora_gui.engine.optim import build_lr_scheduler, build_optimizer
 from lora_gui.engine.quantize import quantize_denoiser, quantize_text_encoders_on_cpu
@@ -95,8 +95,8 @@ class RunSetUp:
         if mode != "none":
             count = quantize_denoiser(denoiser, mode, torch.device("cpu"))
             self.status(f"Quantized {count} layers of the {self.family.denoiser_key} to {mode}")
-        if self.config.model.block_swap <= 0:  # with block swap the denoiser moves once its LoRA is attached
-            denoiser.to(self.placement.device)
+        if self.config.model.block_swap <= 0 and not self.sharded:  # with block swap or sharding the denoiser
+            denoiser.to(self.placement.device)                           # moves once its LoRA is attached
 
     def quantize_text_encoders(self) -> None:
         mode = self.config.model.quantize_text_encoders
@@ -203,11 +203,13 @@ class RunSetUp:
         """A checkpoint's global batch (older checkpoints record only their number of processes)."""
         return int(progress.get("global_batch", self.config.train.batch_size * int(progress.get("processes", 1))))
 
-    def progress_status(self, label: str):
-        """A progress callback for one unit of work at a time; it is also where a stop request lands."""
+    def progress_status(self, label: str, stoppable: bool = True):
+        """A progress callback for one unit of work at a time; it is also where a stop request lands (unless
+        not ``stoppable``: work that every process of a sharded run must finish together)."""
 
         def report(done: int, total: int) -> None:
-            self.check_stop()
+            if stoppable:
+                self.check_stop()
             self.status(f"{label} {done}/{total}", done, total)
 
         return report
@@ -227,13 +229,45 @@ class RunSetUp:
         }
         torch.manual_seed(self.config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
         inject_lora(self.lora_modules, targets, lora)
+        if self.resume_state is not None:  # the checkpoint's LoRA, before any sharding
+            load_lora_state(self.lora_modules, self.resume_state["extra"]["lora"])
         if self.config.train.gradient_checkpointing:
             self.enable_gradient_checkpointing()
+        if self.sharded:
+            self.shard_denoiser()
         self.block_swap = self.swap_blocks()
         for module in self.lora_modules.values():
             module.train()
         if self.config.train.compile_blocks:
             self.compile_blocks()
+
+    def shard_denoiser(self) -> None:
+        from lora_gui.engine.families.common import unwrap
+        from lora_gui.engine.sharding import shard_denoiser
+
+        units = shard_denoiser(unwrap(self.components.denoiser), self.placement.device, self.processes)
+        self.status(f"train.shard_model: the {self.family.denoiser_key} is sharded over {self.processes} processes "
+                    f"in {units} units (FSDP2); each holds 1/{self.processes} of its weights")
+
+    def check_sharding(self) -> None:
+        """train.shard_model: refused with what it cannot go with; a note when there is nothing to shard over."""
+        from lora_gui.engine.sharding import config_problem
+
+        config = self.config
+        if not config.train.shard_model:
+            return
+        if self.dist is None:
+            self.status("train.shard_model: this run has one process, so the model is not sharded")
+            return
+        problem = config_problem(config.lora.train_text_encoder, config.model.quantize, config.model.block_swap,
+                                 config.lora.init, config.train.optimizer)
+        if not problem and config.train.compile_blocks:
+            problem = "train.shard_model cannot be used with train.compile_blocks."
+        if not problem and self.placement.uses_grad_scaler:
+            problem = ("train.shard_model cannot be used with fp16 mixed precision (its gradient scaler would skip "
+                       "steps on some processes only).")
+        if problem:
+            raise TrainingError(problem, "Change the settings named above, or set train.shard_model = false.")
 
     def compile_blocks(self) -> None:
         """train.compile_blocks: torch.compile each repeated block in place (the first steps compile them)."""

@@ -25,7 +25,7 @@ ADVANCED = {
     "dataset.bucket_step", "dataset.caption_extension", "dataset.keep_tokens", "dataset.cache_latents",
     "dataset.cache_text", "dataset.cache_dir", "dataset.num_workers",
     "lora.dropout", "lora.init", "lora.text_encoder_lr",
-    "train.weight_decay", "train.offload_activations", "train.compile_blocks", "train.lr_cycles", "train.lr_power", "train.max_grad_norm", "train.mixed_precision",
+    "train.weight_decay", "train.offload_activations", "train.compile_blocks", "train.shard_model", "train.lr_cycles", "train.lr_power", "train.max_grad_norm", "train.mixed_precision",
     "train.prediction_type", "train.min_snr_gamma", "train.noise_offset", "train.timestep_sampling",
     "train.logit_mean", "train.logit_std", "train.flow_shift", "train.guidance",
     "output.keep_last", "output.tensorboard",
