@@ -194,11 +194,15 @@ def test_sigterm_stops_every_process_at_one_step_and_one_checkpoint_is_saved(tmp
     assert checkpoints[0].name == f"step-{steps[-1]:06d}" and steps == list(range(1, steps[-1] + 1))
 
 
-def test_shard_model_names_the_settings_it_cannot_go_with():
+def test_shard_model_names_the_settings_it_cannot_go_with(tmp_path):
     from lora_gui.engine.sharding import config_problem
 
-    assert config_problem(False, "none", 0, "default", "adamw") == ""
-    problem = config_problem(True, "int8", 4, "pissa", "adamw8bit")
+    plain = tiny_config("sd15", tmp_path, tmp_path / "out", "train.shard_model=true", "train.optimizer=adamw")
+    assert config_problem(plain, uses_grad_scaler=False) == ""
+    clashing = tiny_config("sd15", tmp_path, tmp_path / "out", "train.shard_model=true",
+                           "lora.train_text_encoder=true", "model.quantize=int8", "model.block_swap=4",
+                           "lora.init=pissa", "train.optimizer=adamw8bit", "train.compile_blocks=true")
+    problem = config_problem(clashing, uses_grad_scaler=True)
     for named in ("lora.train_text_encoder", "model.quantize = int8", "model.block_swap", "lora.init = pissa",
-                  "train.optimizer = adamw8bit"):
+                  "train.optimizer = adamw8bit", "train.compile_blocks", "fp16 mixed precision"):
         assert named in problem

@@ -23,14 +23,14 @@ TAIL_LINES = 60
 def train_command(launcher: list[str], config_file: Path, resume_from: str | Path | None, overwrite: bool,
                   dataset_root: Path | None) -> list[str]:
     """The launcher running ``train --events`` on a saved config (the app has checked it already)."""
-    command = [*launcher, "train", str(config_file), "--events", "--no-plan"]
-    if resume_from is not None:
-        command += ["--resume", str(resume_from)]
-    if overwrite:
-        command.append("--overwrite")
-    if dataset_root is not None:
-        command += ["--dataset-root", str(dataset_root)]
-    return command
+    from argparse import Namespace
+
+    from lora_gui.cli_gpus import train_arguments
+
+    return [*launcher, *train_arguments(Namespace(
+        config=str(config_file), preset=None, overrides=[], overwrite=overwrite, no_plan=True, events=True,
+        resume=None if resume_from is None else str(resume_from),
+        dataset_root=None if dataset_root is None else str(dataset_root)))]
 
 
 class ProcessRun:
@@ -105,5 +105,4 @@ class ProcessRun:
                     process.stdin.flush()
                 except (BrokenPipeError, ValueError, OSError):
                     return
-        controls.cancel_jobs("The run's model is in other processes: testing it needs a run on one GPU.")
 

@@ -18,14 +18,18 @@ import torch
 from lora_gui.engine.block_swap import repeated_blocks
 
 
-def config_problem(train_text_encoder: bool, quantize: str, block_swap: int, lora_init: str, optimizer: str) -> str:
-    """Why train.shard_model cannot be used with these settings ("" when it can)."""
+def config_problem(config, uses_grad_scaler: bool) -> str:
+    """Why train.shard_model cannot be used with this config ("" when it can); ``uses_grad_scaler``: the run's
+    placement trains in fp16 with a gradient scaler."""
+    model, lora, train = config.model, config.lora, config.train
     clashes = [
-        (train_text_encoder, "lora.train_text_encoder (the text encoders are not sharded)"),
-        (quantize != "none", f"model.quantize = {quantize} (quantized layers cannot be sharded)"),
-        (block_swap > 0, "model.block_swap (sharding already spreads the weights)"),
-        (lora_init not in ("default", "gaussian"), f"lora.init = {lora_init} (it changes the sharded base weights)"),
-        (optimizer.endswith("8bit"), f"train.optimizer = {optimizer} (its 8-bit states cannot be sharded)"),
+        (lora.train_text_encoder, "lora.train_text_encoder (the text encoders are not sharded)"),
+        (model.quantize != "none", f"model.quantize = {model.quantize} (quantized layers cannot be sharded)"),
+        (model.block_swap > 0, "model.block_swap (sharding already spreads the weights)"),
+        (lora.init not in ("default", "gaussian"), f"lora.init = {lora.init} (it changes the sharded base weights)"),
+        (train.optimizer.endswith("8bit"), f"train.optimizer = {train.optimizer} (its 8-bit states cannot be sharded)"),
+        (train.compile_blocks, "train.compile_blocks"),
+        (uses_grad_scaler, "fp16 mixed precision (its gradient scaler would skip steps on some processes only)"),
     ]
     named = [name for clash, name in clashes if clash]
     return f"train.shard_model cannot be used with {', '.join(named)}." if named else ""

@@ -404,9 +404,10 @@ class TrainingRun(RunSetUp):
 
         def while_paused() -> None:
             self.controls.run_jobs(self.family, self.components)
-            if self.controls.take_save_request():
+            save, sample = self.asked_now()
+            if save:
                 self.save_checkpoint()
-            if self.controls.take_sample_request():
+            if sample:
                 try:
                     self.sample()
                 except StopRequested:
@@ -416,14 +417,7 @@ class TrainingRun(RunSetUp):
             self.controls.wait_while_paused(on_idle=while_paused)
         else:  # the processes ask each other whether the pause goes on (only the main one is asked to pause)
             while True:
-                save, sample = self.asked_now()
-                if save:
-                    self.save_checkpoint()
-                if sample:
-                    try:
-                        self.sample()
-                    except StopRequested:
-                        pass
+                while_paused()
                 if not self.requests()[1]:
                     break
                 time.sleep(PAUSE_POLL_S)

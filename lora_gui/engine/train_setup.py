@@ -259,13 +259,7 @@ class RunSetUp:
         if self.dist is None:
             self.status("train.shard_model: this run has one process, so the model is not sharded")
             return
-        problem = config_problem(config.lora.train_text_encoder, config.model.quantize, config.model.block_swap,
-                                 config.lora.init, config.train.optimizer)
-        if not problem and config.train.compile_blocks:
-            problem = "train.shard_model cannot be used with train.compile_blocks."
-        if not problem and self.placement.uses_grad_scaler:
-            problem = ("train.shard_model cannot be used with fp16 mixed precision (its gradient scaler would skip "
-                       "steps on some processes only).")
+        problem = config_problem(config, self.placement.uses_grad_scaler)
         if problem:
             raise TrainingError(problem, "Change the settings named above, or set train.shard_model = false.")
 
